@@ -1,0 +1,5 @@
+"""`python -m catdog <step>`: the lifecycle CLI."""
+
+from catdog.cli import main
+
+main()

@@ -1,0 +1,181 @@
+"""The one place that reads params.yaml and derives every path of the pipeline."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from catdog.errors import ConfigError
+
+CLASSES: tuple[str, ...] = ("cat", "dog")
+RAW_CLASS_DIRS: dict[str, str] = {"cat": "Cat", "dog": "Dog"}
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+PARAMS_FILE = "params.yaml"
+DATA_SOURCE_ENV = "DATA_SOURCE"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(_Section):
+    source: str
+    sha256: str | None = None
+    max_per_class: int | None = Field(default=None, gt=0)
+
+
+class ValidateParams(_Section):
+    min_side: int = Field(default=32, gt=0)
+    max_pixels: int = Field(default=50_000_000, gt=0)
+    near_duplicate_distance: int = Field(default=4, ge=0, le=64)
+    max_unusable_fraction: float = Field(default=0.05, ge=0, le=1)
+    max_class_imbalance: float = Field(default=1.5, ge=1)
+
+
+class SplitParams(_Section):
+    train: float = Field(gt=0, lt=1)
+    val: float = Field(gt=0, lt=1)
+    test: float = Field(gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> SplitParams:
+        if abs(self.train + self.val + self.test - 1.0) > 1e-6:
+            raise ValueError("split fractions must sum to 1")
+        return self
+
+
+class PrepareParams(_Section):
+    image_size: int = Field(default=224, ge=32, le=1024)
+    resize: Literal["center_crop", "letterbox"] = "center_crop"
+    jpeg_quality: int = Field(default=95, ge=50, le=100)
+    split: SplitParams = SplitParams(train=0.8, val=0.1, test=0.1)
+    workers: int = Field(default=2, ge=1)
+
+
+class Params(BaseModel):
+    """The whole of params.yaml, validated. Later stages add their own sections."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    seed: int = 42
+    data: DataParams
+    validate_: ValidateParams = Field(default=ValidateParams(), alias="validate")
+    prepare: PrepareParams = PrepareParams()
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Every file and folder of the pipeline, derived from the project root."""
+
+    root: Path
+
+    @property
+    def params(self) -> Path:
+        return self.root / PARAMS_FILE
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def source_info(self) -> Path:
+        return self.data / "source.json"
+
+    @property
+    def checksums(self) -> Path:
+        return self.data / "checksums.json"
+
+    @property
+    def downloads(self) -> Path:
+        return self.data / "downloads"
+
+    @property
+    def raw(self) -> Path:
+        return self.data / "raw"
+
+    @property
+    def raw_images(self) -> Path:
+        return self.raw / "PetImages"
+
+    @property
+    def processed(self) -> Path:
+        return self.data / "processed"
+
+    @property
+    def split_manifest(self) -> Path:
+        return self.processed / "manifest.csv"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+    @property
+    def validation_report(self) -> Path:
+        return self.reports / "validation.json"
+
+    @property
+    def validation_summary(self) -> Path:
+        return self.reports / "validation.md"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics"
+
+    @property
+    def prepare_metrics(self) -> Path:
+        return self.metrics / "prepare.json"
+
+    @property
+    def dvc_lock(self) -> Path:
+        return self.root / "dvc.lock"
+
+
+def find_root(start: Path | None = None) -> Path:
+    """The nearest folder at or above `start` (default: cwd) holding params.yaml."""
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / PARAMS_FILE).is_file():
+            return folder
+    raise ConfigError(f"no {PARAMS_FILE} found in {here} or any parent folder; run from the project root")
+
+
+def load_params(path: Path | None = None) -> Params:
+    """Read and validate params.yaml; every problem is reported with the file's name."""
+    path = path or find_root() / PARAMS_FILE
+    try:
+        raw: Any = yaml.safe_load(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: file not found") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"{path}: {problems}") from exc
+
+
+class Project:
+    """The project root with its parameters and paths, as every stage sees them."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = (root or find_root()).resolve()
+        self.paths = Paths(self.root)
+
+    @cached_property
+    def params(self) -> Params:
+        return load_params(self.paths.params)
+
+    def data_source(self) -> str:
+        """The data source in force: $DATA_SOURCE when set, else params.yaml's data.source."""
+        return os.environ.get(DATA_SOURCE_ENV, "").strip() or self.params.data.source
