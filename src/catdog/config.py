@@ -124,6 +124,14 @@ class Paths:
         return self.reports / "validation.md"
 
     @property
+    def validation_images(self) -> Path:
+        return self.reports / "validation_images.csv"
+
+    @property
+    def validation_metrics(self) -> Path:
+        return self.metrics / "validation.json"
+
+    @property
     def metrics(self) -> Path:
         return self.root / "metrics"
 

@@ -162,10 +162,10 @@ def to_rgb(img: Image.Image) -> Image.Image:
         return img
     if mode in SIXTEEN_BIT_MODES:
         wide = np.asarray(img, dtype=np.uint32 if mode == "I" else np.uint16)
-        img = Image.fromarray((np.clip(wide, 0, 65535) >> 8).astype(np.uint8), mode="L")
+        img = Image.fromarray((np.clip(wide, 0, 65535) >> 8).astype(np.uint8))
         mode = "L"
     elif mode == "F":
-        img = Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8), mode="L")
+        img = Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8))
         mode = "L"
     if mode == "P" or mode == "PA":
         img = img.convert("RGBA")
@@ -235,10 +235,13 @@ def resize_image(img: Image.Image, size: int, policy: ResizePolicy = "center_cro
 
 def normalize(rgb: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
     """HWC uint8 RGB to the model's CHW float32 input."""
-    scaled = rgb.astype(np.float32) / 255.0
-    scaled -= np.asarray(mean, dtype=np.float32)
-    scaled /= np.asarray(std, dtype=np.float32)
-    return np.ascontiguousarray(scaled.transpose(2, 0, 1))
+    std_ = np.asarray(std, dtype=np.float32)
+    scale = (1.0 / (255.0 * std_))[:, None, None]
+    offset = (-np.asarray(mean, dtype=np.float32) / std_)[:, None, None]
+    chw = np.ascontiguousarray(rgb.transpose(2, 0, 1)).astype(np.float32)
+    chw *= scale
+    chw += offset
+    return chw
 
 
 def preprocess(

@@ -1,0 +1,323 @@
+"""DVC stage `validate`: decode every raw image, classify its problems, quarantine the unusable ones.
+
+Nothing is deleted from data/raw: unusable files are listed in the report and left out by `prepare`.
+Convertible oddities (CMYK, grayscale, palette, 16-bit, alpha, wrong extension) are kept and
+normalised by the shared preprocessing module. Thresholds from params.yaml fail the stage.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from catdog import preprocessing
+from catdog.config import CLASSES, RAW_CLASS_DIRS, Project, ValidateParams
+from catdog.errors import DataSourceError, QualityGateError
+
+log = logging.getLogger(__name__)
+
+# A file with any of these problems cannot be used for training.
+UNUSABLE = (
+    "zero_byte",
+    "not_an_image",
+    "unsupported_format",
+    "truncated",
+    "decompression_bomb",
+    "too_small",
+    "label_conflict",
+)
+# Redundant copies: left out so the same bytes never appear twice (or in two splits).
+EXCLUDED = ("exact_duplicate",)
+# Usable as they are once converted by the preprocessing module.
+CONVERTIBLE = ("wrong_extension", "cmyk", "grayscale", "palette", "16bit", "alpha", "animated")
+# Kept, but grouped so that near copies never straddle the train/val/test split.
+INFORMATIONAL = ("near_duplicate",)
+PROBLEMS = UNUSABLE + EXCLUDED + CONVERTIBLE + INFORMATIONAL
+
+_DECODE_CODES = {
+    "empty": "zero_byte",
+    "not_an_image": "not_an_image",
+    "unsupported_format": "unsupported_format",
+    "truncated": "truncated",
+    "too_large": "decompression_bomb",
+    "too_small": "too_small",
+}
+
+
+@dataclass
+class ImageRecord:
+    """What validation learned about one raw file."""
+
+    path: str
+    label: str
+    bytes: int
+    sha256: str
+    format: str = ""
+    mode: str = ""
+    width: int = 0
+    height: int = 0
+    dhash: int | None = None
+    group: str = ""
+    problems: list[str] = field(default_factory=list)
+    detail: str = ""
+
+    @property
+    def usable(self) -> bool:
+        return not any(p in UNUSABLE or p in EXCLUDED for p in self.problems)
+
+
+def inspect_file(path: Path, label: str, rel: str, params: ValidateParams) -> ImageRecord:
+    """Decode one file fully and record every problem found; never raises for bad content."""
+    data = path.read_bytes()
+    record = ImageRecord(path=rel, label=label, bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    try:
+        info = preprocessing.inspect(data, max_pixels=params.max_pixels)
+        record.format, record.mode = info.format, info.mode
+        record.width, record.height = info.width, info.height
+        record.problems.extend(info.issues)
+        if not preprocessing.extension_matches(path, info.format):
+            record.problems.append("wrong_extension")
+        img = preprocessing.decode(data, max_pixels=params.max_pixels, min_side=params.min_side)
+        record.dhash = preprocessing.dhash(img)
+    except preprocessing.ImageDecodeError as exc:
+        record.problems.append(_DECODE_CODES.get(exc.code, "not_an_image"))
+        record.detail = exc.message
+    return record
+
+
+def _inspect_task(args: tuple[str, str, str, ValidateParams]) -> ImageRecord:
+    path, label, rel, params = args
+    return inspect_file(Path(path), label, rel, params)
+
+
+def list_raw_files(raw_images: Path) -> list[tuple[Path, str]]:
+    """Every file (not only images) under the class folders, sorted, with its label."""
+    if not raw_images.is_dir():
+        raise DataSourceError(f"{raw_images}: raw data not found; run the ingest stage first")
+    files: list[tuple[Path, str]] = []
+    for label in CLASSES:
+        folder = raw_images / RAW_CLASS_DIRS[label]
+        if not folder.is_dir():
+            raise DataSourceError(f"{folder}: class folder missing from the raw data")
+        files.extend((p, label) for p in sorted(folder.iterdir()) if p.is_file())
+    return files
+
+
+def hamming_pairs(hashes: np.ndarray, max_distance: int, chunk: int = 512) -> Iterable[tuple[int, int]]:
+    """Index pairs (i < j) whose 64-bit hashes differ in at most `max_distance` bits."""
+    as_bytes = hashes.astype(">u8").view(np.uint8).reshape(len(hashes), 8)
+    popcount = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(1).astype(np.uint8)
+    for start in range(0, len(hashes), chunk):
+        block = as_bytes[start : start + chunk]
+        distance = popcount[block[:, None, :] ^ as_bytes[None, :, :]].sum(axis=2, dtype=np.uint16)
+        rows, cols = np.nonzero(distance <= max_distance)
+        for i, j in zip(rows + start, cols, strict=True):
+            if i < j:
+                yield int(i), int(j)
+
+
+class _UnionFind:
+    def __init__(self, n: int) -> None:
+        self.parent = list(range(n))
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def union(self, i: int, j: int) -> None:
+        self.parent[self.find(i)] = self.find(j)
+
+
+def mark_duplicates(records: list[ImageRecord], max_distance: int) -> None:
+    """Flag exact duplicates, group near duplicates, and quarantine pictures filed under both labels."""
+    by_sha: dict[str, list[ImageRecord]] = defaultdict(list)
+    for record in records:
+        if record.dhash is not None:
+            by_sha[record.sha256].append(record)
+    for copies in by_sha.values():
+        if len({r.label for r in copies}) > 1:
+            for r in copies:
+                r.problems.append("label_conflict")
+        else:
+            for r in copies[1:]:
+                r.problems.append("exact_duplicate")
+
+    candidates = [r for r in records if r.usable]
+    hashes = np.array([r.dhash for r in candidates], dtype=np.uint64)
+    groups = _UnionFind(len(candidates))
+    for i, j in hamming_pairs(hashes, max_distance):
+        groups.union(i, j)
+    members: dict[int, list[ImageRecord]] = defaultdict(list)
+    for index, record in enumerate(candidates):
+        members[groups.find(index)].append(record)
+    for group in members.values():
+        group_id = min(r.sha256 for r in group)[:16]
+        for r in group:
+            r.group = group_id
+        if len(group) == 1:
+            continue
+        conflict = len({r.label for r in group}) > 1
+        for r in group:
+            r.problems.append("label_conflict" if conflict else "near_duplicate")
+
+
+def summarise(records: list[ImageRecord], params: ValidateParams) -> dict:
+    """The JSON report: counts per problem and class, file lists, gate results."""
+    usable = Counter(r.label for r in records if r.usable)
+    totals = Counter(r.label for r in records)
+    per_problem = {p: Counter(r.label for r in records if p in r.problems) for p in PROBLEMS}
+    unusable = [r for r in records if any(p in UNUSABLE for p in r.problems)]
+    unusable_fraction = len(unusable) / max(len(records), 1)
+    counts = [usable.get(c, 0) for c in CLASSES]
+    imbalance = max(counts) / min(counts) if min(counts) else float("inf")
+    gates = {
+        "max_unusable_fraction": {
+            "value": round(unusable_fraction, 6),
+            "threshold": params.max_unusable_fraction,
+            "passed": unusable_fraction <= params.max_unusable_fraction,
+        },
+        "max_class_imbalance": {
+            "value": round(imbalance, 4) if imbalance != float("inf") else None,
+            "threshold": params.max_class_imbalance,
+            "passed": imbalance <= params.max_class_imbalance,
+        },
+    }
+    near_groups = defaultdict(list)
+    for r in records:
+        if "near_duplicate" in r.problems or ("label_conflict" in r.problems and r.group):
+            near_groups[r.group].append(r.path)
+    return {
+        "total": len(records),
+        "usable": sum(usable.values()),
+        "unusable": len(unusable),
+        "excluded_duplicates": sum(1 for r in records if "exact_duplicate" in r.problems),
+        "per_class": {c: {"total": totals.get(c, 0), "usable": usable.get(c, 0)} for c in CLASSES},
+        "problems": {p: {c: per_problem[p].get(c, 0) for c in CLASSES} for p in PROBLEMS},
+        "files": {p: sorted(r.path for r in records if p in r.problems) for p in PROBLEMS},
+        "quarantine": [
+            {"path": r.path, "label": r.label, "problems": r.problems, "detail": r.detail}
+            for r in records
+            if not r.usable
+        ],
+        "near_duplicate_groups": sorted(sorted(g) for g in near_groups.values()),
+        "gates": gates,
+        "passed": all(g["passed"] for g in gates.values()),
+        "params": params.model_dump(),
+    }
+
+
+def render_summary(report: dict) -> str:
+    """A human-readable Markdown summary of the report."""
+    lines = [
+        "# Data validation",
+        "",
+        f"{report['total']} files, {report['usable']} usable, {report['unusable']} unusable, "
+        f"{report['excluded_duplicates']} exact duplicates left out.",
+        "",
+        "| class | files | usable |",
+        "|---|---|---|",
+        *(f"| {c} | {v['total']} | {v['usable']} |" for c, v in report["per_class"].items()),
+        "",
+        "| problem | " + " | ".join(CLASSES) + " | kind |",
+        "|---|" + "---|" * len(CLASSES) + "---|",
+    ]
+    for problem, counts in report["problems"].items():
+        if any(counts.values()):
+            kind = next(
+                name
+                for name, members in (
+                    ("unusable", UNUSABLE),
+                    ("left out", EXCLUDED),
+                    ("converted", CONVERTIBLE),
+                    ("grouped", INFORMATIONAL),
+                )
+                if problem in members
+            )
+            lines.append(f"| {problem} | " + " | ".join(str(counts[c]) for c in CLASSES) + f" | {kind} |")
+    lines += ["", "| gate | value | threshold | result |", "|---|---|---|---|"]
+    for name, gate in report["gates"].items():
+        lines.append(
+            f"| {name} | {gate['value']} | {gate['threshold']} | {'pass' if gate['passed'] else 'FAIL'} |"
+        )
+    if report["quarantine"]:
+        lines += ["", "## Quarantined files", ""]
+        lines += [f"- `{q['path']}`: {', '.join(q['problems'])}" for q in report["quarantine"][:200]]
+        if len(report["quarantine"]) > 200:
+            lines.append(f"- ... and {len(report['quarantine']) - 200} more (see validation.json)")
+    return "\n".join(lines) + "\n"
+
+
+def write_image_table(records: list[ImageRecord], path: Path) -> None:
+    """Per-file results for `prepare`: one row per raw file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "usable", "group", "sha256", "format", "mode", "width", "height", "problems"])
+        for r in records:
+            writer.writerow(
+                [r.path, r.label, int(r.usable), r.group, r.sha256, r.format, r.mode, r.width, r.height,
+                 ";".join(r.problems)]
+            )
+
+
+def read_image_table(path: Path) -> list[dict[str, str]]:
+    """The per-file table written by `validate`."""
+    if not path.is_file():
+        raise DataSourceError(f"{path}: validation results not found; run the validate stage first")
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def validate_folder(raw_images: Path, params: ValidateParams, workers: int = 2) -> list[ImageRecord]:
+    """Inspect every file under raw_images/{Cat,Dog} and mark duplicates; paths are relative to its parent."""
+    files = list_raw_files(raw_images)
+    base = raw_images.parent
+    tasks = [(str(p), label, p.relative_to(base).as_posix(), params) for p, label in files]
+    if workers > 1 and len(tasks) > 64:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            records = list(pool.map(_inspect_task, tasks, chunksize=32))
+    else:
+        records = [_inspect_task(t) for t in tasks]
+    mark_duplicates(records, params.near_duplicate_distance)
+    return records
+
+
+def run(root: Path | None = None) -> dict:
+    """Validate data/raw, write the reports, and fail when a threshold is crossed."""
+    project = Project(root)
+    paths, params = project.paths, project.params
+    started = time.perf_counter()
+    records = validate_folder(paths.raw_images, params.validate_, workers=params.prepare.workers)
+    report = summarise(records, params.validate_)
+    report["seconds"] = round(time.perf_counter() - started, 2)
+    paths.reports.mkdir(parents=True, exist_ok=True)
+    paths.validation_report.write_text(json.dumps(report, indent=2) + "\n")
+    paths.validation_summary.write_text(render_summary(report))
+    write_image_table(records, paths.validation_images)
+    metrics = {k: report[k] for k in ("total", "usable", "unusable", "excluded_duplicates")}
+    metrics["problems"] = {p: sum(v.values()) for p, v in report["problems"].items()}
+    metrics["gates"] = {k: g["value"] for k, g in report["gates"].items()}
+    paths.metrics.mkdir(parents=True, exist_ok=True)
+    paths.validation_metrics.write_text(json.dumps(metrics, indent=2) + "\n")
+    log.info(
+        "validated %d files in %.1fs: %d usable, %d unusable, %d duplicates left out (%s)",
+        report["total"], report["seconds"], report["usable"], report["unusable"],
+        report["excluded_duplicates"], paths.validation_summary,
+    )
+    failed = [f"{name} = {g['value']} (limit {g['threshold']})" for name, g in report["gates"].items()
+              if not g["passed"]]
+    if failed:
+        raise QualityGateError(f"data validation failed: {'; '.join(failed)}; see {paths.validation_summary}")
+    return report
