@@ -1,4 +1,4 @@
-"""Generated images of every odd kind the pipeline and the service must handle (bytes, made fresh per test)."""
+"""Generated images of every odd kind the pipeline and the service must handle (fresh bytes per call)."""
 
 from __future__ import annotations
 

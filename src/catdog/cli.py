@@ -62,6 +62,14 @@ def prepare(root: Path | None = RootOption) -> None:
     run(root)
 
 
+@app.command()
+def train(root: Path | None = RootOption) -> None:
+    """Fine-tune the classifier on data/processed; writes models/model.ckpt and metrics/train.json."""
+    from catdog.stages.train import run
+
+    run(root)
+
+
 def main() -> None:
     """Run the CLI; a CatdogError becomes one clear message and exit status 1, without a traceback."""
     try:

@@ -118,7 +118,8 @@ def open_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
     width, height = img.size
     if width * height > max_pixels:
         raise ImageDecodeError(
-            "too_large", f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}"
+            "too_large",
+            f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}",
         )
     return img
 

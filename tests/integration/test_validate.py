@@ -45,7 +45,11 @@ PLANTED: dict[str, tuple[bytes, set[str]]] = {
     "Dog/near_c3.jpg": (near_copy(3), {"label_conflict"}),
 }
 # Problems the planted files give their clean originals.
-ORIGINALS = {"Cat/c1.jpg": {"near_duplicate"}, "Cat/c2.jpg": {"label_conflict"}, "Cat/c3.jpg": {"label_conflict"}}
+ORIGINALS = {
+    "Cat/c1.jpg": {"near_duplicate"},
+    "Cat/c2.jpg": {"label_conflict"},
+    "Cat/c3.jpg": {"label_conflict"},
+}
 
 
 @pytest.fixture

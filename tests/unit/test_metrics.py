@@ -7,7 +7,13 @@ import math
 import numpy as np
 import pytest
 
-from catdog.metrics import classification_metrics, confusion, expected_calibration_error, pr_points, roc_points
+from catdog.metrics import (
+    classification_metrics,
+    confusion,
+    expected_calibration_error,
+    pr_points,
+    roc_points,
+)
 
 # 6 images: true labels and P(dog). Predictions: [0, 0, 1, 1, 1, 0] -> TP=2, FP=1, FN=1, TN=2.
 Y = np.array([0, 0, 0, 1, 1, 1])

@@ -53,7 +53,7 @@ def test_convertible_modes_become_normalised_rgb(make, issues):
     tensor = pp.preprocess(data, CONFIG)
     assert tensor.shape == (3, 64, 64)
     assert tensor.dtype == np.float32
-    assert -1.0 <= tensor.min() and tensor.max() <= 1.0
+    assert tensor.min() >= -1.0 and tensor.max() <= 1.0
     assert tensor.std() > 0.01, "the picture's content must survive the conversion"
 
 

@@ -19,8 +19,15 @@ def rows(n_per_class: int = 500, group_every: int = 7) -> list[dict[str, str]]:
             sha = hashlib.sha256(f"{label}{i}".encode()).hexdigest()
             anchor = i - i % group_every
             group = f"{label}-g{anchor}" if i % group_every < 3 else sha[:16]
-            out.append({"path": f"PetImages/{label.title()}/{i}.jpg", "label": label, "sha256": sha,
-                        "group": group, "usable": "1"})
+            out.append(
+                {
+                    "path": f"PetImages/{label.title()}/{i}.jpg",
+                    "label": label,
+                    "sha256": sha,
+                    "group": group,
+                    "usable": "1",
+                }
+            )
     return out
 
 

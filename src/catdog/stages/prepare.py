@@ -113,11 +113,24 @@ def prepare(raw_base: Path, rows: list[dict[str, str]], out: Path, params: Prepa
     for row in usable:
         rel = f"{splits[row['path']]}/{row['label']}/{names[row['path']]}"
         entries.append(
-            {"path": rel, "label": row["label"], "split": splits[row["path"]], "group": row["group"],
-             "source": row["path"], "sha256": row["sha256"]}
+            {
+                "path": rel,
+                "label": row["label"],
+                "split": splits[row["path"]],
+                "group": row["group"],
+                "source": row["path"],
+                "sha256": row["sha256"],
+            }
         )
-        tasks.append((str(raw_base / row["path"]), str(staging / rel), params.image_size, params.resize,
-                      params.jpeg_quality))
+        tasks.append(
+            (
+                str(raw_base / row["path"]),
+                str(staging / rel),
+                params.image_size,
+                params.resize,
+                params.jpeg_quality,
+            )
+        )
     started = time.perf_counter()
     try:
         convert_all(tasks, params.workers)
@@ -150,6 +163,7 @@ def run(root: Path | None = None) -> dict:
     split_text = ", ".join(f"{s} {sum(v.values())}" for s, v in metrics["splits"].items())
     print(
         f"prepare: {metrics['images']} images ({split_text}) at {params.prepare.image_size}px "
-        f"in {metrics['seconds']}s = {metrics['images_per_second']} images/s on {params.prepare.workers} workers"
+        f"in {metrics['seconds']}s = {metrics['images_per_second']} images/s "
+        f"on {params.prepare.workers} workers"
     )
     return metrics

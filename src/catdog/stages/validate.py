@@ -15,7 +15,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -264,11 +264,23 @@ def write_image_table(records: list[ImageRecord], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["path", "label", "usable", "group", "sha256", "format", "mode", "width", "height", "problems"])
+        writer.writerow(
+            ["path", "label", "usable", "group", "sha256", "format", "mode", "width", "height", "problems"]
+        )
         for r in records:
             writer.writerow(
-                [r.path, r.label, int(r.usable), r.group, r.sha256, r.format, r.mode, r.width, r.height,
-                 ";".join(r.problems)]
+                [
+                    r.path,
+                    r.label,
+                    int(r.usable),
+                    r.group,
+                    r.sha256,
+                    r.format,
+                    r.mode,
+                    r.width,
+                    r.height,
+                    ";".join(r.problems),
+                ]
             )
 
 
@@ -313,11 +325,18 @@ def run(root: Path | None = None) -> dict:
     paths.validation_metrics.write_text(json.dumps(metrics, indent=2) + "\n")
     log.info(
         "validated %d files in %.1fs: %d usable, %d unusable, %d duplicates left out (%s)",
-        report["total"], report["seconds"], report["usable"], report["unusable"],
-        report["excluded_duplicates"], paths.validation_summary,
+        report["total"],
+        report["seconds"],
+        report["usable"],
+        report["unusable"],
+        report["excluded_duplicates"],
+        paths.validation_summary,
     )
-    failed = [f"{name} = {g['value']} (limit {g['threshold']})" for name, g in report["gates"].items()
-              if not g["passed"]]
+    failed = [
+        f"{name} = {g['value']} (limit {g['threshold']})"
+        for name, g in report["gates"].items()
+        if not g["passed"]
+    ]
     if failed:
         raise QualityGateError(f"data validation failed: {'; '.join(failed)}; see {paths.validation_summary}")
     return report

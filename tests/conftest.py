@@ -1,0 +1,97 @@
+"""Fixtures shared by the whole test suite."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_ENV = "TEST_DATA_DIR"
+SAMPLE_NAME = "cats_vs_dogs_sample"
+
+
+def find_sample() -> Path | None:
+    """The real photo sample (a folder holding PetImages/{Cat,Dog}): $TEST_DATA_DIR (the sample itself or
+    a folder containing it), else <repo>/../shared/datasets/cats_vs_dogs_sample."""
+    candidates = []
+    if env := os.environ.get(SAMPLE_ENV, "").strip():
+        candidates += [Path(env), Path(env) / SAMPLE_NAME]
+    candidates.append(REPO_ROOT.parent / "shared" / "datasets" / SAMPLE_NAME)
+    for folder in candidates:
+        if all((folder / "PetImages" / name).is_dir() for name in ("Cat", "Dog")):
+            return folder.resolve()
+    return None
+
+
+@pytest.fixture(scope="session")
+def sample_images_dir() -> Path:
+    """The folder holding the real photos in PetImages/{Cat,Dog}; skips the test when it is absent."""
+    found = find_sample()
+    if found is None:
+        pytest.skip(
+            f"real photo sample not found: set ${SAMPLE_ENV} to the {SAMPLE_NAME} folder "
+            f"(or put it at {REPO_ROOT.parent / 'shared' / 'datasets' / SAMPLE_NAME})"
+        )
+    return found
+
+
+@pytest.fixture
+def project_factory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., Path]:
+    """Make throwaway project roots: this repo's params.yaml with a given `data` section.
+
+    Call it as `project_factory(source, sha256=None, max_per_class=None, name="project", **sections)`;
+    extra keyword arguments replace top-level params (e.g. `seed=7`). $DATA_SOURCE is unset for the test.
+    """
+    monkeypatch.delenv("DATA_SOURCE", raising=False)
+
+    def make(
+        source: str | Path,
+        *,
+        sha256: str | None = None,
+        max_per_class: int | None = None,
+        name: str = "project",
+        **sections: Any,
+    ) -> Path:
+        root = tmp_path / name
+        root.mkdir(parents=True, exist_ok=True)
+        params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+        params["data"] = {"source": str(source), "sha256": sha256, "max_per_class": max_per_class}
+        params.update(sections)
+        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        return root
+
+    return make
+
+
+TINY_PER_CLASS = {"train": 8, "val": 4, "test": 4}
+
+
+@pytest.fixture(scope="session")
+def tiny_processed(sample_images_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small data/processed from real photos: {train,val,test}/{cat,dog}/*.jpg (224x224, decoded by
+    catdog.preprocessing) and manifest.csv (path,label,split,group); 8/4/4 images per class and split."""
+    import csv
+    import itertools
+
+    from catdog.preprocessing import decode
+
+    processed = tmp_path_factory.mktemp("tiny") / "data" / "processed"
+    rows: list[dict[str, str]] = []
+    for label, folder in (("cat", "Cat"), ("dog", "Dog")):
+        photos = iter(sorted((sample_images_dir / "PetImages" / folder).glob("*.jpg")))
+        for split, count in TINY_PER_CLASS.items():
+            for photo in itertools.islice(photos, count):
+                relative = f"{split}/{label}/{photo.name}"
+                (processed / relative).parent.mkdir(parents=True, exist_ok=True)
+                decode(photo, size=224).save(processed / relative, quality=95)
+                rows.append({"path": relative, "label": label, "split": split, "group": photo.stem})
+    with (processed / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["path", "label", "split", "group"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return processed
