@@ -23,7 +23,7 @@ ifeq ($(origin DATA_SOURCE),undefined)
 endif
 export DATA_SOURCE
 
-.PHONY: help install run test lint format
+.PHONY: help install run test lint format mlflow-ui
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -43,8 +43,11 @@ install: $(UV) ## Create .venv from uv.lock (idempotent)
 
 run: install ## Run the pipeline (dvc repro) on DATA_SOURCE or params.yaml's source
 	@echo "data source: $${DATA_SOURCE:-params.yaml data.source}"
-	@start=$$(date +%s); dvc repro && \
-		echo "pipeline finished in $$(( $$(date +%s) - start ))s" && dvc metrics show
+	@start=$$(date +%s); dvc repro && python -m catdog summary && \
+		echo "pipeline finished in $$(( $$(date +%s) - start ))s"
+
+mlflow-ui: install ## Browse the local MLflow store (runs, metrics, artifacts, models) on port 5000
+	mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000
 
 test: install ## Lint, then the whole test suite (unit, integration, e2e)
 	$(BIN)/ruff check .

@@ -95,3 +95,51 @@ def tiny_processed(sample_images_dir: Path, tmp_path_factory: pytest.TempPathFac
         writer.writeheader()
         writer.writerows(rows)
     return processed
+
+
+TINY_TRAIN = {
+    "model": "tf_efficientnet_lite0",
+    "image_size": 96,
+    "batch_size": 8,
+    "epochs_frozen": 2,
+    "epochs_unfrozen": 0,
+    "early_stopping_patience": None,
+    "progress_bar": False,
+    "accelerator": "cpu",
+    "feature_cache": {"enabled": True, "views": 1},
+}
+
+
+def write_tiny_project(root: Path, processed: Path, **sections: dict) -> Path:
+    """A project root with the repo's params.yaml (sections updated) and a copy of a processed dataset."""
+    import shutil
+
+    import yaml
+
+    root.mkdir(parents=True, exist_ok=True)
+    if not (root / "data" / "processed").exists():
+        shutil.copytree(processed, root / "data" / "processed")
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params["train"].update(TINY_TRAIN)
+    for name, values in sections.items():
+        params.setdefault(name, {}).update(values)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_project(tiny_processed: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A project whose `train` stage ran (a tiny lite0 head on real photos); shared, so never modified."""
+    from catdog.stages import train
+
+    root = write_tiny_project(tmp_path_factory.mktemp("trained") / "project", tiny_processed)
+    train.run(root)
+    return root
+
+
+@pytest.fixture
+def trained_copy(trained_project: Path, tmp_path: Path) -> Path:
+    """A private copy of `trained_project` for a test that runs later stages in it."""
+    import shutil
+
+    return Path(shutil.copytree(trained_project, tmp_path / "project", symlinks=True))

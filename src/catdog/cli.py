@@ -70,6 +70,39 @@ def train(root: Path | None = RootOption) -> None:
     run(root)
 
 
+@app.command()
+def baselines(root: Path | None = RootOption) -> None:
+    """Train and score the linear probe and the from-scratch CNN the fine-tuned model is compared with."""
+    from catdog.stages.baselines import run
+
+    run(root)
+
+
+@app.command()
+def evaluate(root: Path | None = RootOption) -> None:
+    """Test-split metrics, curves, calibration, behavioural checks; fails below params.yaml floors."""
+    from catdog.stages.evaluate import run
+
+    run(root)
+
+
+@app.command()
+def export(root: Path | None = RootOption) -> None:
+    """ONNX export with a parity check, drift reference statistics and the model card (models/)."""
+    from catdog.stages.export import run
+
+    run(root)
+
+
+@app.command()
+def summary(root: Path | None = RootOption) -> None:
+    """Print where the model, the metrics and the MLflow run of the latest pipeline run are."""
+    from catdog.config import Project
+    from catdog.summary import render
+
+    print(render(Project(root)))
+
+
 def main() -> None:
     """Run the CLI; a CatdogError becomes one clear message and exit status 1, without a traceback."""
     try:

@@ -58,6 +58,104 @@ class PrepareParams(_Section):
     workers: int = Field(default=2, ge=1)
 
 
+class AugmentParams(_Section):
+    hflip: float = Field(default=0.5, ge=0, le=1)
+    random_resized_crop_scale: tuple[float, float] = (0.7, 1.0)
+    color_jitter: float = Field(default=0.2, ge=0, le=1)
+    rotate_limit: float = Field(default=10, ge=0, le=180)
+
+    @model_validator(mode="after")
+    def _scale_range(self) -> AugmentParams:
+        low, high = self.random_resized_crop_scale
+        if not 0 < low <= high <= 1:
+            raise ValueError("random_resized_crop_scale must be [min, max] with 0 < min <= max <= 1")
+        return self
+
+
+class FeatureCacheParams(_Section):
+    enabled: bool = True
+    views: int = Field(default=2, ge=1, le=16)
+
+
+class TrainParams(_Section):
+    model: str = "tf_efficientnet_lite0"
+    pretrained: bool = True
+    image_size: int | None = Field(default=None, ge=32, le=1024)
+    batch_size: int = Field(default=32, ge=1)
+    num_workers: int = Field(default=0, ge=0)
+    epochs_frozen: int = Field(default=8, ge=0)
+    epochs_unfrozen: int = Field(default=1, ge=0)
+    lr_head: float = Field(default=3e-3, gt=0)
+    lr_backbone: float = Field(default=3e-5, gt=0)
+    weight_decay: float = Field(default=1e-2, ge=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    scheduler: Literal["cosine", "constant"] = "cosine"
+    warmup_fraction: float = Field(default=0.1, ge=0, lt=1)
+    early_stopping_patience: int | None = Field(default=3, ge=1)
+    freeze_batchnorm: bool = True
+    augment: AugmentParams = AugmentParams()
+    feature_cache: FeatureCacheParams = FeatureCacheParams()
+    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = "auto"
+    channels_last: bool = True
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
+    devices: int | Literal["auto"] = "auto"
+    strategy: str = "auto"
+    threads: int | None = Field(default=None, ge=1)
+    limit_images: int | None = Field(default=None, ge=1)
+    resume: bool = False
+    progress_bar: bool = True
+
+    @model_validator(mode="after")
+    def _some_epochs(self) -> TrainParams:
+        if self.epochs_frozen + self.epochs_unfrozen == 0:
+            raise ValueError("epochs_frozen + epochs_unfrozen must be at least 1")
+        return self
+
+
+class EvaluateParams(_Section):
+    batch_size: int = Field(default=64, ge=1)
+    min_accuracy: float = Field(default=0.9, ge=0, le=1)
+    min_f1: float = Field(default=0.9, ge=0, le=1)
+    max_log_loss: float = Field(default=0.35, gt=0)
+    behaviour_images: int | None = Field(default=500, ge=1)
+    crop_fraction: float = Field(default=0.9, gt=0.5, le=1)
+    worst_examples: int = Field(default=16, ge=0)
+
+
+class LinearProbeParams(_Section):
+    enabled: bool = True
+    backbone: str = "tf_efficientnet_lite0"
+    C: list[float] = Field(default=[0.03, 0.1, 0.3, 1.0, 3.0], min_length=1)
+    batch_size: int = Field(default=32, ge=1)
+
+
+class SimpleCnnParams(_Section):
+    enabled: bool = True
+    epochs: int = Field(default=5, ge=1)
+    image_size: int = Field(default=128, ge=32)
+    batch_size: int = Field(default=64, ge=1)
+    lr: float = Field(default=3e-3, gt=0)
+
+
+class BaselinesParams(_Section):
+    linear_probe: LinearProbeParams = LinearProbeParams()
+    simple_cnn: SimpleCnnParams = SimpleCnnParams()
+
+
+class TrackingParams(_Section):
+    experiment: str = "catdog"
+
+
+class ExportParams(_Section):
+    opset: int = Field(default=18, ge=18)
+    parity_tolerance: float = Field(default=1e-4, ge=0)
+    parity_images: int = Field(default=64, ge=1)
+    latency_runs: int = Field(default=30, ge=5)
+    throughput_batch_size: int = Field(default=32, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    reference_images: int | None = Field(default=None, ge=1)
+
+
 class Params(BaseModel):
     """The whole of params.yaml, validated. Later stages add their own sections."""
 
@@ -67,6 +165,11 @@ class Params(BaseModel):
     data: DataParams
     validate_: ValidateParams = Field(default=ValidateParams(), alias="validate")
     prepare: PrepareParams = PrepareParams()
+    train: TrainParams = TrainParams()
+    baselines: BaselinesParams = BaselinesParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    tracking: TrackingParams = TrackingParams()
+    export: ExportParams = ExportParams()
 
 
 @dataclass(frozen=True)
@@ -140,8 +243,84 @@ class Paths:
         return self.metrics / "prepare.json"
 
     @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def model_checkpoint(self) -> Path:
+        return self.models / "model.ckpt"
+
+    @property
+    def train_checkpoints(self) -> Path:
+        return self.models / "checkpoints"
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.train_checkpoints / "last.ckpt"
+
+    @property
+    def train_metrics(self) -> Path:
+        return self.metrics / "train.json"
+
+    @property
+    def plots(self) -> Path:
+        return self.root / "plots"
+
+    @property
+    def train_history(self) -> Path:
+        return self.plots / "train_history.csv"
+
+    @property
+    def baselines_metrics(self) -> Path:
+        return self.metrics / "baselines.json"
+
+    @property
+    def evaluate_metrics(self) -> Path:
+        return self.metrics / "evaluate.json"
+
+    @property
+    def evaluate_plots(self) -> Path:
+        return self.plots / "evaluate"
+
+    @property
+    def evaluate_reports(self) -> Path:
+        return self.reports / "evaluate"
+
+    @property
+    def mlflow_db(self) -> Path:
+        return self.root / "mlflow.db"
+
+    @property
+    def mlflow_artifacts(self) -> Path:
+        return self.root / "mlruns"
+
+    @property
+    def run_info(self) -> Path:
+        return self.models / "mlflow_run.json"
+
+    @property
     def dvc_lock(self) -> Path:
         return self.root / "dvc.lock"
+
+    @property
+    def onnx_model(self) -> Path:
+        return self.models / "model.onnx"
+
+    @property
+    def model_card(self) -> Path:
+        return self.models / "model_card.md"
+
+    @property
+    def labels(self) -> Path:
+        return self.models / "labels.json"
+
+    @property
+    def reference_stats(self) -> Path:
+        return self.models / "reference_stats.json"
+
+    @property
+    def export_metrics(self) -> Path:
+        return self.metrics / "export.json"
 
 
 def find_root(start: Path | None = None) -> Path:
@@ -167,9 +346,7 @@ def load_params(path: Path | None = None) -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-        )
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
         raise ConfigError(f"{path}: {problems}") from exc
 
 

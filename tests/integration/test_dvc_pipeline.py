@@ -33,10 +33,10 @@ def copy_sample(sample: Path, target: Path, per_class: int) -> Path:
     return target
 
 
-def make_repo(root: Path, remote: Path) -> None:
+def make_repo(root: Path, remote: Path, extra: tuple[str, ...] = ()) -> None:
     """A fresh git+DVC project holding this project's pipeline definition and code."""
     root.mkdir()
-    for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", *extra):
         shutil.copy2(REPO / name, root / name)
     shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__"))
     run(root, "git", "init", "-q")
@@ -67,7 +67,7 @@ def test_dvc_repro_end_to_end(tmp_path, sample_images_dir):
     make_repo(root, tmp_path / "remote")
 
     started = time.perf_counter()
-    first = run(root, "dvc", "repro", env={"DATA_SOURCE": str(source_a)})
+    first = run(root, "dvc", "repro", "prepare", env={"DATA_SOURCE": str(source_a)})
     print(f"\nfirst dvc repro of {40} images: {time.perf_counter() - started:.1f}s")
     assert ran(first.stdout) == set(DATA_STAGES)
     manifest = read_manifest(root / "data" / "processed" / "manifest.csv")
@@ -81,7 +81,7 @@ def test_dvc_repro_end_to_end(tmp_path, sample_images_dir):
     assert report["usable"] == 40 and report["passed"]
 
     started = time.perf_counter()
-    again = run(root, "dvc", "repro", env={"DATA_SOURCE": str(source_a)})
+    again = run(root, "dvc", "repro", "prepare", env={"DATA_SOURCE": str(source_a)})
     print(f"second dvc repro, nothing changed: {time.perf_counter() - started:.1f}s")
     assert ran(again.stdout) == set(), again.stdout
     assert data_version(root / "dvc.lock") == version
@@ -89,13 +89,13 @@ def test_dvc_repro_end_to_end(tmp_path, sample_images_dir):
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["prepare"]["image_size"] = 96
     (root / "params.yaml").write_text(yaml.safe_dump(params))
-    resized = run(root, "dvc", "repro", env={"DATA_SOURCE": str(source_a)})
+    resized = run(root, "dvc", "repro", "prepare", env={"DATA_SOURCE": str(source_a)})
     assert ran(resized.stdout) == {"prepare"}
     with Image.open(root / "data" / "processed" / manifest[0]["path"]) as img:
         assert img.size == (96, 96)
     assert data_version(root / "dvc.lock") != version
 
-    switched = run(root, "dvc", "repro", env={"DATA_SOURCE": str(source_b)})
+    switched = run(root, "dvc", "repro", "prepare", env={"DATA_SOURCE": str(source_b)})
     assert ran(switched.stdout) == set(DATA_STAGES)
     assert len(read_manifest(root / "data" / "processed" / "manifest.csv")) == 24
 

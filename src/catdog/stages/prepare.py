@@ -15,8 +15,11 @@ import os
 import shutil
 import time
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from multiprocessing import get_context
 from pathlib import Path
+
+import numpy as np
 
 from catdog import preprocessing
 from catdog.config import CLASSES, SPLITS, PrepareParams, Project, SplitParams
@@ -88,6 +91,12 @@ def read_manifest(path: Path) -> list[dict[str, str]]:
     """The split manifest: path (relative to data/processed), label, split, group, source, sha256."""
     with path.open(newline="") as handle:
         return list(csv.DictReader(handle))
+
+
+def load_split(processed: Path, split: str, class_names: Sequence[str]) -> tuple[list[Path], np.ndarray]:
+    """Image paths and integer labels of one split of the manifest."""
+    rows = [row for row in read_manifest(processed / "manifest.csv") if row["split"] == split]
+    return [processed / row["path"] for row in rows], np.array([class_names.index(r["label"]) for r in rows])
 
 
 def _replace_dir(new: Path, target: Path) -> None:

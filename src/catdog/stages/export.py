@@ -1,0 +1,388 @@
+"""DVC stage `export`: models/model.ckpt to a self-contained ONNX model for the torch-free service.
+
+Writes models/model.onnx (fp32, dynamic batch, softmax inside, labels/preprocessing/lineage in its
+metadata) only when its probabilities match PyTorch's on real test images within export.parity_tolerance,
+then models/labels.json, models/reference_stats.json (image properties of the training split and the
+model's confidence on the validation split, for drift monitoring), metrics/export.json (parity, size,
+onnxruntime latency and throughput) and models/model_card.md.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import onnxruntime as ort
+
+from catdog import export, image_stats, tracking
+from catdog.config import Project
+from catdog.lineage import data_version, git_state
+from catdog.preprocessing import PreprocessConfig
+from catdog.stages.prepare import read_manifest
+from catdog.training.checkpoint import load_classifier, read_checkpoint
+from catdog.training.runtime import available_cores
+
+log = logging.getLogger(__name__)
+
+UNKNOWN = "unknown"
+TEST_METRICS = ("accuracy", "precision", "recall", "f1", "roc_auc", "log_loss")
+TRAIN_FIELDS = (
+    "model",
+    "pretrained",
+    "image_size",
+    "batch_size",
+    "epochs_frozen",
+    "epochs_unfrozen",
+    "lr_head",
+    "lr_backbone",
+    "weight_decay",
+    "optimizer",
+    "scheduler",
+    "warmup_fraction",
+    "early_stopping_patience",
+    "precision",
+    "limit_images",
+)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON file's content, or None when it does not exist."""
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def original_sizes(validation_images: Path) -> dict[str, tuple[int, int]]:
+    """Raw image path -> (width, height) from validate's per-file table; empty when it is absent."""
+    if not validation_images.is_file():
+        return {}
+    with validation_images.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return {
+        row["path"]: (int(row["width"]), int(row["height"]))
+        for row in rows
+        if (row.get("width") or "").isdigit() and (row.get("height") or "").isdigit() and int(row["height"])
+    }
+
+
+def lineage(project: Project) -> dict[str, Any]:
+    """Data version (dvc.lock) and git commit / dirty flag of the working tree."""
+    git = git_state(project.root)
+    return {
+        "data_version": data_version(project.paths.dvc_lock),
+        "git_commit": git["commit"],
+        "git_dirty": git["dirty"],
+    }
+
+
+def onnx_metadata(
+    model_name: str, config: PreprocessConfig, class_names: list[str], origin: dict[str, Any]
+) -> dict[str, str]:
+    """The metadata_props stored in the ONNX file (all strings)."""
+    return {
+        "labels": json.dumps(class_names),
+        "preprocessing": config.to_json(),
+        "model_name": model_name,
+        "data_version": origin["data_version"] or UNKNOWN,
+        "git_commit": origin["git_commit"] or UNKNOWN,
+        "git_dirty": json.dumps(origin["git_dirty"]),
+    }
+
+
+def split_paths(project: Project, rows: list[dict[str, str]], split: str) -> list[Path]:
+    return [project.paths.processed / row["path"] for row in rows if row["split"] == split]
+
+
+def export_checked(project: Project) -> dict[str, Any]:
+    """Export the checkpoint and keep models/model.onnx only when it passes the parity check."""
+    paths, params = project.paths, project.params.export
+    model, config, class_names = load_classifier(paths.model_checkpoint)
+    hparams = read_checkpoint(paths.model_checkpoint)["hyper_parameters"]
+    origin = lineage(project)
+    partial = paths.onnx_model.with_name(paths.onnx_model.name + ".partial")
+    started = time.perf_counter()
+    try:
+        export.export_onnx(
+            model,
+            config,
+            partial,
+            onnx_metadata(str(hparams["model_name"]), config, class_names, origin),
+            params.opset,
+        )
+        seconds = time.perf_counter() - started
+        sess = export.session(partial)
+        rows = read_manifest(paths.split_manifest)
+        test = export.sample(split_paths(project, rows, "test"), params.parity_images, project.params.seed)
+        inputs = export.load_inputs(test, config)
+        difference = export.parity_difference(model, sess, inputs)
+        export.check_parity(difference, params.parity_tolerance, len(inputs))
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    partial.replace(paths.onnx_model)
+    return {
+        "model_name": str(hparams["model_name"]),
+        "pretrained": bool(hparams.get("pretrained", False)),
+        "config": config,
+        "class_names": class_names,
+        "lineage": origin,
+        "session": sess,
+        "rows": rows,
+        "parity_inputs": inputs,
+        "export_seconds": round(seconds, 2),
+        "parity": {
+            "images": len(inputs),
+            "max_abs_diff": difference,
+            "tolerance": params.parity_tolerance,
+            "passed": True,
+        },
+    }
+
+
+def reference_statistics(project: Project, exported: dict[str, Any]) -> dict[str, Any]:
+    """Image properties of the training split and the model's outputs on the validation split."""
+    paths, params = project.paths, project.params.export
+    config: PreprocessConfig = exported["config"]
+    rows = [row for row in exported["rows"] if row["split"] == "train"]
+    rows = export.sample(rows, params.reference_images, project.params.seed)
+    sizes = original_sizes(paths.validation_images)
+    originals = [sizes.get(row.get("source") or "") for row in rows]
+    properties = export.image_rows([paths.processed / row["path"] for row in rows], config, originals)
+    val = split_paths(project, exported["rows"], "val")
+    probabilities = export.onnx_probabilities(
+        exported["session"], export.path_batches(val, config, params.batch_size)
+    )
+    return {
+        "preprocessing": json.loads(config.to_json()),
+        "images": {
+            "split": "train",
+            "count": len(rows),
+            "with_original_size": sum(size is not None for size in originals),
+            "properties": image_stats.reference_statistics(properties),
+        },
+        "predictions": {
+            "split": "val",
+            **export.prediction_reference(probabilities, exported["class_names"]),
+        },
+    }
+
+
+def run(root: Path | None = None) -> dict[str, Any]:
+    """Export, check and document the model; returns metrics/export.json's content."""
+    project = Project(root)
+    paths, params = project.paths, project.params.export
+    started = time.perf_counter()
+    exported = export_checked(project)
+    speed = export.benchmark(
+        exported["session"], exported["parity_inputs"], params.latency_runs, params.throughput_batch_size
+    )
+    reference = reference_statistics(project, exported)
+    export.write_json(exported["class_names"], paths.labels)
+    export.write_json(reference, paths.reference_stats)
+    metrics = {
+        "model": exported["model_name"],
+        "opset": params.opset,
+        "onnx_size_mb": export.model_size_mb(paths.onnx_model),
+        "export_seconds": exported["export_seconds"],
+        "parity": exported["parity"],
+        "onnxruntime": {"version": ort.__version__, "cpu_cores": available_cores(), **speed},
+        "reference_images": reference["images"]["count"],
+        "reference_predictions": reference["predictions"]["count"],
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    export.write_json(metrics, paths.export_metrics)
+    paths.model_card.write_text(model_card(project, exported, metrics))
+    with tracking.resume_pipeline_run(project):
+        tracking.log_metrics(metrics, "export/")
+        tracking.log_files(
+            [paths.model_card, paths.labels, paths.reference_stats, paths.export_metrics], "model_files"
+        )
+        model_uri = tracking.log_onnx_model(paths.onnx_model, exported["config"].size, export.OUTPUT_NAMES)
+    log.info("MLflow model %s", model_uri)
+    print(
+        f"export: {paths.onnx_model} ({metrics['onnx_size_mb']} MB, "
+        f"parity {exported['parity']['max_abs_diff']:.2g}, "
+        f"{speed['latency_ms_median']} ms/image, {speed['images_per_second']} images/s at batch "
+        f"{speed['batch_size']}); model card {paths.model_card}"
+    )
+    return metrics
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+
+
+def _cell(value: Any) -> str:
+    """A parameter value as params.yaml spells it."""
+    if isinstance(value, dict):
+        return ", ".join(f"{key} {_cell(item)}" for key, item in value.items())
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_cell(item) for item in value) + "]"
+    return json.dumps(value) if value is None or isinstance(value, bool) else str(value)
+
+
+def _number(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _model_section(exported: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
+    config: PreprocessConfig = exported["config"]
+    return [
+        "## Model",
+        "",
+        f"- Task: binary image classification; outputs P({exported['class_names'][0]}) and "
+        f"P({exported['class_names'][1]}) in that order (models/labels.json).",
+        f"- Architecture: `{exported['model_name']}`"
+        + (", ImageNet-pretrained, fine-tuned" if exported["pretrained"] else ", trained from scratch")
+        + ".",
+        f"- Input: RGB {config.size}x{config.size}, resize `{config.resize}`, normalised with mean "
+        f"{list(config.mean)} and std {list(config.std)} by `catdog.preprocessing` (EXIF orientation, any "
+        "mode to 8-bit RGB, alpha on white).",
+        f"- Format: ONNX opset {metrics['opset']}, float32, one self-contained file of "
+        f"{metrics['onnx_size_mb']} MB; input `image` (batch, 3, {config.size}, {config.size}), outputs "
+        "`probabilities` (softmax) and `logits`, both (batch, 2). The metadata holds `labels`, "
+        "`preprocessing`, `model_name`, `data_version` and `git_commit`.",
+        "",
+    ]
+
+
+def _data_section(project: Project, exported: dict[str, Any]) -> list[str]:
+    paths = project.paths
+    lines = [
+        "## Data",
+        "",
+        f"- Source: the Microsoft Kaggle Cats and Dogs photos (PetImages), `{project.params.data.source}`.",
+        f"- Data version (DVC hash of data/processed): `{exported['lineage']['data_version'] or UNKNOWN}`.",
+    ]
+    prepare = read_json(paths.prepare_metrics)
+    if prepare:
+        splits = prepare.get("splits", {})
+        rows = [
+            (s, *(c.get(n, 0) for n in exported["class_names"]), sum(c.values())) for s, c in splits.items()
+        ]
+        lines += ["", *_table(("split", *exported["class_names"], "total"), rows)]
+    validation = read_json(paths.validation_metrics)
+    if validation:
+        problems = ", ".join(f"{k} {v}" for k, v in validation.get("problems", {}).items()) or "none"
+        lines += [
+            "",
+            f"- Validation: {validation.get('total')} raw files, {validation.get('usable')} usable, "
+            f"{validation.get('unusable')} unusable, {validation.get('excluded_duplicates')} duplicates left "
+            f"out; problems: {problems}.",
+        ]
+    return [*lines, ""]
+
+
+def _training_section(project: Project) -> list[str]:
+    train = project.params.train.model_dump()
+    rows = [(name, train[name]) for name in TRAIN_FIELDS]
+    rows += [("augment", train["augment"]), ("seed", project.params.seed)]
+    lines = ["## Training", "", *_table(("parameter", "value"), [(k, _cell(v)) for k, v in rows])]
+    summary = read_json(project.paths.train_metrics)
+    if summary and summary.get("best"):
+        best = summary["best"]
+        lines += [
+            "",
+            f"Best epoch {summary.get('best_epoch')}: val loss {_number(best.get('val/loss'))}, "
+            f"val accuracy {_number(best.get('val/acc'))}.",
+        ]
+    return [*lines, ""]
+
+
+def _evaluation_sections(project: Project) -> list[str]:
+    evaluation = read_json(project.paths.evaluate_metrics)
+    test = (evaluation or {}).get("test")
+    if not test:
+        return [
+            "## Evaluation (test split)",
+            "",
+            "Not evaluated: metrics/evaluate.json was not found when the model was exported.",
+            "",
+            "## Calibration",
+            "",
+            "Not evaluated.",
+            "",
+        ]
+    rows = [(name, _number(test[name])) for name in TEST_METRICS if name in test]
+    ece = test.get("ece")
+    return [
+        "## Evaluation (test split)",
+        "",
+        f"{evaluation.get('images', 'All')} held-out test images; dog is the positive class.",
+        "",
+        *_table(("metric", "value"), rows),
+        "",
+        "## Calibration",
+        "",
+        f"Expected calibration error (top-class confidence, equal-width bins): {_number(ece)}."
+        if ece is not None
+        else "Not evaluated.",
+        "",
+    ]
+
+
+def _runtime_section(metrics: dict[str, Any]) -> list[str]:
+    parity, speed = metrics["parity"], metrics["onnxruntime"]
+    return [
+        "## ONNX parity and speed",
+        "",
+        f"- Parity: max |P_onnx - P_torch| = {parity['max_abs_diff']:.2e} on {parity['images']} test images "
+        f"(tolerance {parity['tolerance']:g}).",
+        f"- onnxruntime {speed['version']} (CPUExecutionProvider, {speed['cpu_cores']} CPU cores): "
+        f"{speed['latency_ms_median']} ms per image (median; p95 {speed['latency_ms_p95']} ms), "
+        f"{speed['images_per_second']} images/s at batch {speed['batch_size']}; preprocessing not included.",
+        "",
+    ]
+
+
+USE_AND_LIMITS = [
+    "## Intended use",
+    "",
+    "- Telling whether a photo shows a cat or a dog, for demonstration and pet-photo sorting; the service "
+    "returns both probabilities.",
+    "- Not for decisions about animals or people, and not for identifying breeds or individual animals.",
+    "",
+    "## Known limitations",
+    "",
+    "- It answers cat or dog for ANY picture: a photo with no pet, with both, with another animal, a "
+    "drawing or a screenshot still gets one of the two labels, often with high confidence. There is no "
+    "'neither' class and no out-of-distribution detection.",
+    "- Trained on the Kaggle PetImages photos: mostly amateur, upright, daylight photos with one animal "
+    "near the centre. Other domains (cartoons, night or infrared cameras, extreme close-ups, unusual breeds) "
+    "may be classified worse than the test figures suggest.",
+    "- That dataset has some mislabelled and non-pet images; the test split carries the same label noise.",
+    "- The centre crop to a square (resize `center_crop`) may cut off an animal at the border of a wide "
+    "or tall photo.",
+    "- Test metrics come from a held-out split of the same collection; live traffic may differ. "
+    "models/reference_stats.json holds the training image properties and validation confidences to "
+    "monitor drift against.",
+    "",
+]
+
+
+def model_card(project: Project, exported: dict[str, Any], metrics: dict[str, Any]) -> str:
+    """models/model_card.md: model, data, training, evaluation, runtime, use, limitations, lineage."""
+    origin = exported["lineage"]
+    dirty = {True: "yes", False: "no", None: UNKNOWN}[origin["git_dirty"]]
+    lines = [
+        "# Model card: Cats-vs-Dogs classifier",
+        "",
+        "Generated by the `export` stage (`python -m catdog export`); do not edit by hand.",
+        "",
+        *_model_section(exported, metrics),
+        *_data_section(project, exported),
+        *_training_section(project),
+        *_evaluation_sections(project),
+        *_runtime_section(metrics),
+        *USE_AND_LIMITS,
+        "## Lineage",
+        "",
+        f"- Git commit: `{origin['git_commit'] or UNKNOWN}` (uncommitted changes: {dirty}).",
+        f"- Data version: `{origin['data_version'] or UNKNOWN}`.",
+        f"- Checkpoint: {project.paths.model_checkpoint.relative_to(project.root).as_posix()}.",
+        "",
+    ]
+    return "\n".join(lines)
