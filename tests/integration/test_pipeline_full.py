@@ -33,7 +33,7 @@ TINY = {
         "simple_cnn": {"epochs": 1, "image_size": 64, "batch_size": 16},
     },
     "evaluate": {"min_accuracy": 0.5, "min_f1": 0.5, "max_log_loss": 1.0, "worst_examples": 4},
-    "export": {"parity_images": 8, "latency_runs": 3, "throughput_batch_size": 4},
+    "export": {"parity_images": 8, "latency_runs": 5, "throughput_batch_size": 4},
 }
 
 
