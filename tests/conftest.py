@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,19 @@ def find_sample() -> Path | None:
         if all((folder / "PetImages" / name).is_dir() for name in ("Cat", "Dog")):
             return folder.resolve()
     return None
+
+
+@pytest.fixture(autouse=True)
+def _isolated_mlflow_uri():
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI: keep one test's store out of the next test."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+    if "mlflow" in sys.modules:
+        sys.modules["mlflow"].set_tracking_uri(before)
 
 
 @pytest.fixture(scope="session")

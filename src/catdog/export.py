@@ -25,7 +25,7 @@ from torch import nn
 
 from catdog import image_stats
 from catdog.errors import CatdogError, QualityGateError
-from catdog.preprocessing import PreprocessConfig, decode, preprocess
+from catdog.preprocessing import PreprocessConfig, decode, preprocess_batch
 from catdog.training.checkpoint import predict_proba
 
 INPUT_NAME = "image"
@@ -136,9 +136,7 @@ def session(path: Path, threads: int | None = None) -> ort.InferenceSession:
 
 def load_inputs(paths: Sequence[Path], config: PreprocessConfig) -> np.ndarray:
     """The model inputs (N, 3, size, size) of image files, preprocessed exactly as the service does."""
-    if not paths:
-        return np.zeros((0, 3, config.size, config.size), dtype=np.float32)
-    return np.stack([preprocess(path, config) for path in paths])
+    return preprocess_batch(paths, config)
 
 
 def _batches(inputs: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:

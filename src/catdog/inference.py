@@ -26,13 +26,8 @@ def image_batches(
 ) -> Iterator[torch.Tensor]:
     """Normalised (N, 3, H, W) batches; `transform` (flip, crop...) acts on the decoded picture."""
     for start in range(0, len(paths), batch_size):
-        batch = []
-        for path in paths[start : start + batch_size]:
-            img = preprocessing.decode(path, size=config.size, resize=config.resize)
-            if transform is not None:
-                img = preprocessing.resize_image(transform(img), config.size, config.resize)
-            batch.append(preprocessing.normalize(np.asarray(img), config.mean, config.std))
-        yield torch.from_numpy(np.stack(batch))
+        chunk = paths[start : start + batch_size]
+        yield torch.from_numpy(preprocessing.preprocess_batch(chunk, config, transform))
 
 
 def predict_paths(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Literal
@@ -246,11 +247,32 @@ def normalize(rgb: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) 
 
 
 def preprocess(
-    source: ImageSource, config: PreprocessConfig, *, max_pixels: int = DEFAULT_MAX_PIXELS
+    source: ImageSource,
+    config: PreprocessConfig,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    transform: Callable[[Image.Image], Image.Image] | None = None,
 ) -> np.ndarray:
-    """Any image source to the model's CHW float32 input, exactly as in training."""
+    """Any image source to the model's CHW float32 input, exactly as in training.
+
+    `transform` (a flip or crop for behavioural tests) acts on the decoded square picture, which is then
+    brought back to the input size.
+    """
     img = decode(source, size=config.size, resize=config.resize, max_pixels=max_pixels)
+    if transform is not None:
+        img = resize_image(transform(img), config.size, config.resize)
     return normalize(np.asarray(img), config.mean, config.std)
+
+
+def preprocess_batch(
+    sources: Sequence[ImageSource],
+    config: PreprocessConfig,
+    transform: Callable[[Image.Image], Image.Image] | None = None,
+) -> np.ndarray:
+    """Several images to one (N, 3, size, size) float32 batch."""
+    if not sources:
+        return np.zeros((0, 3, config.size, config.size), dtype=np.float32)
+    return np.stack([preprocess(source, config, transform=transform) for source in sources])
 
 
 def extension_matches(path: Path, image_format: str) -> bool:

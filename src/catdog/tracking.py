@@ -47,7 +47,7 @@ def _experiment_id(mlflow: Any, project: Project) -> str:
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    local = not os.environ.get(TRACKING_URI_ENV, "").strip()
+    local = mlflow.get_tracking_uri().startswith("sqlite:")
     location = project.paths.mlflow_artifacts.as_uri() if local else None
     return mlflow.create_experiment(name, artifact_location=location)
 
@@ -63,11 +63,27 @@ def lineage_tags(project: Project) -> dict[str, str]:
 
 
 @contextmanager
-def start_pipeline_run(project: Project) -> Iterator[Any]:
-    """A new MLflow run for this pipeline run, with all parameters and lineage tags; its id is saved."""
+def _store(uri: str) -> Iterator[Any]:
+    """MLflow pointed at `uri` for the block; the environment is restored (set_tracking_uri exports it)."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(project))
+    before = os.environ.get(TRACKING_URI_ENV)
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield mlflow
+    finally:
+        mlflow.set_tracking_uri(before)
+
+
+@contextmanager
+def start_pipeline_run(project: Project) -> Iterator[Any]:
+    """A new MLflow run for this pipeline run, with all parameters and lineage tags; its id is saved."""
+    with _store(tracking_uri(project)) as mlflow, _new_run(mlflow, project) as run:
+        yield run
+
+
+@contextmanager
+def _new_run(mlflow: Any, project: Project) -> Iterator[Any]:
     experiment_id = _experiment_id(mlflow, project)
     params = project.params.model_dump(by_alias=True, mode="json")
     with mlflow.start_run(experiment_id=experiment_id, tags=lineage_tags(project)) as run:
@@ -88,14 +104,11 @@ def start_pipeline_run(project: Project) -> Iterator[Any]:
 @contextmanager
 def resume_pipeline_run(project: Project) -> Iterator[Any]:
     """The run that `train` opened, reopened to add evaluation or export results."""
-    import mlflow
-
     try:
         info = json.loads(project.paths.run_info.read_text())
     except FileNotFoundError as exc:
         raise CatdogError(f"{project.paths.run_info} not found; run the train stage first") from exc
-    mlflow.set_tracking_uri(info["tracking_uri"])
-    with mlflow.start_run(run_id=info["run_id"]) as run:
+    with _store(info["tracking_uri"]) as mlflow, mlflow.start_run(run_id=info["run_id"]) as run:
         yield run
 
 

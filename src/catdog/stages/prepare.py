@@ -23,11 +23,13 @@ import numpy as np
 
 from catdog import preprocessing
 from catdog.config import CLASSES, SPLITS, PrepareParams, Project, SplitParams
+from catdog.errors import DataSourceError
 from catdog.stages.validate import read_image_table
 
 log = logging.getLogger(__name__)
 
 MANIFEST_FIELDS = ("path", "label", "split", "group", "source", "sha256")
+REQUIRED_FIELDS = MANIFEST_FIELDS[:4]
 
 
 def assign_splits(rows: list[dict[str, str]], fractions: SplitParams, seed: int) -> dict[str, str]:
@@ -88,9 +90,21 @@ def write_manifest(entries: list[dict[str, str]], path: Path) -> None:
 
 
 def read_manifest(path: Path) -> list[dict[str, str]]:
-    """The split manifest: path (relative to data/processed), label, split, group, source, sha256."""
+    """The split manifest (path relative to data/processed, label, split, group, ...), checked."""
+    if not path.is_file():
+        raise DataSourceError(f"{path} not found; run the prepare stage first")
     with path.open(newline="") as handle:
-        return list(csv.DictReader(handle))
+        reader = csv.DictReader(handle)
+        missing = set(REQUIRED_FIELDS) - set(reader.fieldnames or ())
+        if missing:
+            raise DataSourceError(f"{path} lacks the columns {', '.join(sorted(missing))}")
+        rows = list(reader)
+    for row in rows:
+        if row["label"] not in CLASSES:
+            raise DataSourceError(f"{path}: unknown label {row['label']!r} for {row['path']}")
+        if row["split"] not in SPLITS:
+            raise DataSourceError(f"{path}: unknown split {row['split']!r} for {row['path']}")
+    return rows
 
 
 def load_split(processed: Path, split: str, class_names: Sequence[str]) -> tuple[list[Path], np.ndarray]:

@@ -116,6 +116,7 @@ def setup_runtime(params: Params) -> str:
         logging.getLogger("lightning").handlers.clear()  # its own console handler would repeat every line
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     L.seed_everything(params.seed, workers=True)
     return resolve_precision(train.precision, train.accelerator)
 

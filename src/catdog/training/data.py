@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import random
@@ -20,10 +19,10 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from catdog.config import CLASSES, SPLITS, AugmentParams
 from catdog.errors import CatdogError
 from catdog.preprocessing import PreprocessConfig, decode, normalize
+from catdog.stages import prepare
 
 log = logging.getLogger(__name__)
 
-MANIFEST_COLUMNS = ("path", "label", "split", "group")
 FeatureExtractor = Callable[[DataLoader], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -35,21 +34,9 @@ class Sample:
 
 def read_manifest(processed: Path, class_names: Sequence[str] = CLASSES) -> dict[str, list[Sample]]:
     """Samples per split from processed/manifest.csv (paths in it are relative to `processed`)."""
-    manifest = processed / "manifest.csv"
-    if not manifest.is_file():
-        raise CatdogError(f"{manifest} not found; run the prepare stage first")
     splits: dict[str, list[Sample]] = {split: [] for split in SPLITS}
-    with manifest.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        missing = set(MANIFEST_COLUMNS) - set(reader.fieldnames or ())
-        if missing:
-            raise CatdogError(f"{manifest} lacks the columns {', '.join(sorted(missing))}")
-        for row in reader:
-            if row["label"] not in class_names:
-                raise CatdogError(f"{manifest}: unknown label {row['label']!r} for {row['path']}")
-            if row["split"] not in splits:
-                raise CatdogError(f"{manifest}: unknown split {row['split']!r} for {row['path']}")
-            splits[row["split"]].append(Sample(processed / row["path"], class_names.index(row["label"])))
+    for row in prepare.read_manifest(processed / "manifest.csv"):
+        splits[row["split"]].append(Sample(processed / row["path"], class_names.index(row["label"])))
     return splits
 
 
