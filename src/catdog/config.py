@@ -114,9 +114,9 @@ class TrainParams(_Section):
 
 class EvaluateParams(_Section):
     batch_size: int = Field(default=64, ge=1)
-    min_accuracy: float = Field(default=0.9, ge=0, le=1)
-    min_f1: float = Field(default=0.9, ge=0, le=1)
-    max_log_loss: float = Field(default=0.35, gt=0)
+    min_accuracy: float = Field(default=0.6, ge=0, le=1)
+    min_f1: float = Field(default=0.6, ge=0, le=1)
+    max_log_loss: float = Field(default=0.69, gt=0)
     behaviour_images: int | None = Field(default=500, ge=1)
     crop_fraction: float = Field(default=0.9, gt=0.5, le=1)
     worst_examples: int = Field(default=16, ge=0)

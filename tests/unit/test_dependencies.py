@@ -68,3 +68,31 @@ def test_torchvision_operators_match_the_torch_build():
     boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [1.0, 1.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0]])
     keep = torchvision.ops.nms(boxes, torch.tensor([0.9, 0.8, 0.7]), iou_threshold=0.5)
     assert keep.tolist() == [0, 2], "torchvision::nms missing means torch and torchvision builds differ"
+
+
+def lock_closure(extra: str) -> set[str]:
+    """Every package the lock installs for this project's base dependencies plus one extra."""
+    lock = tomllib.loads((Path(__file__).parents[2] / "uv.lock").read_text())
+    packages = {p["name"]: p for p in lock["package"]}
+    project = packages["catdog"]
+    todo = [d["name"] for d in project.get("dependencies", [])]
+    todo += [d["name"] for d in project["optional-dependencies"][extra]]
+    seen: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        package = packages[name]
+        for dep in package.get("dependencies", []):
+            todo.append(dep["name"])
+            extras = packages[dep["name"]].get("optional-dependencies", {})
+            todo += [d["name"] for wanted in dep.get("extra", []) for d in extras.get(wanted, [])]
+    return seen
+
+
+def test_serving_dependencies_from_the_lock_contain_no_torch():
+    serve = lock_closure("serve")
+    assert {"fastapi", "onnxruntime", "pillow", "numpy", "mlflow-skinny"} <= serve
+    assert not serve & {"torch", "torchvision", "lightning", "timm", "nvidia-cudnn-cu13", "mlflow"}
+    assert {"torch", "lightning", "timm"} <= lock_closure("pipeline")
