@@ -251,10 +251,12 @@ def _model_section(exported: dict[str, Any], metrics: dict[str, Any]) -> list[st
 
 def _data_section(project: Project, exported: dict[str, Any]) -> list[str]:
     paths = project.paths
+    source = read_json(paths.source_info) or {"kind": "configured", "location": project.params.data.source}
     lines = [
         "## Data",
         "",
-        f"- Source: the Microsoft Kaggle Cats and Dogs photos (PetImages), `{project.params.data.source}`.",
+        f"- Source: Kaggle/Microsoft Cats and Dogs photos (PetImages layout), {source['kind']} "
+        f"`{source['location']}`.",
         f"- Data version (DVC hash of data/processed): `{exported['lineage']['data_version'] or UNKNOWN}`.",
     ]
     prepare = read_json(paths.prepare_metrics)
