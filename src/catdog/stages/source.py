@@ -158,14 +158,8 @@ def run(root: Path | None = None) -> None:
     """Resolve, classify and fingerprint the data source; write data/source.json."""
     project = Project(root)
     info = describe(project)
-    changed = write_if_changed(project.paths.source_info, to_json(info))
-    log.info(
-        "data source: %s %s (fingerprint %s, %s)",
-        info["kind"],
-        info["location"],
-        info["fingerprint"][:12],
-        "changed" if changed else "unchanged",
-    )
+    write_if_changed(project.paths.source_info, to_json(info))
+    log.info("data source: %s %s (fingerprint %s)", info["kind"], info["location"], info["fingerprint"][:12])
 
 
 def _digest(parts: dict[str, Any]) -> str:
