@@ -271,6 +271,10 @@ class Paths:
         return self.plots / "train_history.csv"
 
     @property
+    def feature_cache(self) -> Path:
+        return self.data / "features"
+
+    @property
     def baselines_metrics(self) -> Path:
         return self.metrics / "baselines.json"
 

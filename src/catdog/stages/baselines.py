@@ -1,24 +1,27 @@
 """DVC stage `baselines`: the two reference models the fine-tuned default is compared with, on the same split.
 
-- `linear_probe`: logistic regression on the frozen pretrained backbone's pooled features (computed once,
-  un-augmented), its regularisation chosen by validation log loss.
+- `linear_probe`: logistic regression on the frozen pretrained backbone's pooled features (un-augmented,
+  computed once and cached in data/features/ per backbone, input recipe and manifest), its regularisation
+  chosen by validation log loss.
 - `simple_cnn`: the small CNN trained from scratch (the course's baseline), briefly.
 Both are scored on the test split with the same metrics as `evaluate` (metrics/baselines.json).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
 
 from catdog import metrics
-from catdog.config import CLASSES, FeatureCacheParams, Params, Project
+from catdog.config import CLASSES, SPLITS, FeatureCacheParams, Params, Project
 from catdog.inference import feature_paths, predict_paths
 from catdog.stages.prepare import load_split
 from catdog.stages.train import build, build_trainer, setup_runtime
@@ -27,19 +30,42 @@ from catdog.training.backbones import build_model, preprocess_config
 log = logging.getLogger(__name__)
 
 
-def linear_probe(params: Params, processed: Path) -> dict[str, Any]:
-    """Fit the probe on train features, pick C on val, score on test."""
+def frozen_features(
+    params: Params, processed: Path, cache_dir: Path
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], float | None]:
+    """Pooled features and labels per split, computed once per (backbone, input recipe, manifest) and cached.
+
+    Returns the features and the extraction throughput (None when they came from the cache).
+    """
     probe = params.baselines.linear_probe
     size = params.train.image_size or params.prepare.image_size
     config = preprocess_config(probe.backbone, size, params.prepare.resize)
+    manifest = hashlib.sha256((processed / "manifest.csv").read_bytes()).hexdigest()
+    key = hashlib.sha256(f"{probe.backbone}|{config.to_json()}|{manifest}".encode()).hexdigest()[:16]
+    cached = cache_dir / f"{probe.backbone}-{key}.npz"
+    if cached.is_file():
+        with np.load(cached) as stored:
+            log.info("frozen %s features from the cache %s", probe.backbone, cached)
+            return {split: (stored[f"{split}_x"], stored[f"{split}_y"]) for split in SPLITS}, None
     backbone = build_model(probe.backbone, num_classes=len(CLASSES), pretrained=True)
     started = time.perf_counter()
     data = {}
-    for split in ("train", "val", "test"):
+    for split in SPLITS:
         paths, y = load_split(processed, split, CLASSES)
         data[split] = (feature_paths(backbone, paths, config, probe.batch_size), y)
-    feature_seconds = time.perf_counter() - started
-    images = sum(len(y) for _, y in data.values())
+    speed = sum(len(y) for _, y in data.values()) / (time.perf_counter() - started)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    partial = cached.with_name(cached.name + ".partial.npz")
+    np.savez(partial, **{f"{s}_{part}": v for s, (x, y) in data.items() for part, v in (("x", x), ("y", y))})
+    partial.replace(cached)
+    return data, round(speed, 1)
+
+
+def linear_probe(params: Params, processed: Path, cache_dir: Path) -> dict[str, Any]:
+    """Fit the probe on train features, pick C on val, score on test."""
+    probe = params.baselines.linear_probe
+    started = time.perf_counter()
+    data, speed = frozen_features(params, processed, cache_dir)
     best: tuple[float, float, LogisticRegression] | None = None
     for c in probe.C:
         model = LogisticRegression(C=c, max_iter=2000).fit(*data["train"])
@@ -54,7 +80,7 @@ def linear_probe(params: Params, processed: Path) -> dict[str, Any]:
         "backbone": probe.backbone,
         "C": c,
         "val_log_loss": val_loss,
-        "feature_images_per_second": round(images / feature_seconds, 1),
+        "feature_images_per_second": speed,
         "seconds": round(time.perf_counter() - started, 1),
     }
 
@@ -99,7 +125,7 @@ def run(root: Path | None = None) -> dict[str, Any]:
     params, paths = project.params, project.paths
     results: dict[str, Any] = {}
     if params.baselines.linear_probe.enabled:
-        results["linear_probe"] = linear_probe(params, paths.processed)
+        results["linear_probe"] = linear_probe(params, paths.processed, paths.feature_cache)
     if params.baselines.simple_cnn.enabled:
         results["simple_cnn"] = simple_cnn(params, paths.processed)
     paths.metrics.mkdir(parents=True, exist_ok=True)
