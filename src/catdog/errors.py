@@ -1,5 +1,7 @@
 """Exceptions with messages meant for the person running the pipeline."""
 
+from pathlib import Path
+
 
 class CatdogError(Exception):
     """A failure explained in one clear message (the CLI prints it without a traceback)."""
@@ -15,3 +17,16 @@ class DataSourceError(CatdogError):
 
 class QualityGateError(CatdogError):
     """Data or a model crossed a threshold configured in params.yaml."""
+
+
+def raise_failed_gates(gates: dict[str, dict], what: str, report: Path) -> None:
+    """Raise QualityGateError naming each failed gate of {name: {value, threshold, passed}}, if any."""
+    failed = [
+        f"{name} = {gate['value']:.4g} (limit {gate['threshold']})"
+        if isinstance(gate["value"], float)
+        else f"{name} = {gate['value']} (limit {gate['threshold']})"
+        for name, gate in gates.items()
+        if not gate["passed"]
+    ]
+    if failed:
+        raise QualityGateError(f"{what} failed: {'; '.join(failed)}; see {report}")

@@ -20,7 +20,7 @@ from PIL import Image, ImageOps
 
 from catdog import metrics, plots, preprocessing, tracking
 from catdog.config import EvaluateParams, Project
-from catdog.errors import QualityGateError
+from catdog.errors import raise_failed_gates
 from catdog.inference import Transform, predict_paths
 from catdog.stages import baselines
 from catdog.stages.prepare import load_split
@@ -131,13 +131,7 @@ def run(root: Path | None = None) -> dict:
         ", ".join(f"{k} {v:.4f}" for k, v in test.items()),
         ", ".join(f"{k} {v:.3f}" for k, v in rates.items()),
     )
-    failed = [
-        f"{k} = {g['value']:.4f} (limit {g['threshold']})"
-        for k, g in result["gates"].items()
-        if not g["passed"]
-    ]
-    if failed:
-        raise QualityGateError(f"model evaluation failed: {'; '.join(failed)}; see {paths.evaluate_metrics}")
+    raise_failed_gates(result["gates"], "model evaluation", paths.evaluate_metrics)
     return result
 
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from catdog import preprocessing
 from catdog.config import CLASSES, RAW_CLASS_DIRS, Project, ValidateParams
-from catdog.errors import DataSourceError, QualityGateError
+from catdog.errors import DataSourceError, raise_failed_gates
 
 log = logging.getLogger(__name__)
 
@@ -332,11 +332,5 @@ def run(root: Path | None = None) -> dict:
         report["excluded_duplicates"],
         paths.validation_summary,
     )
-    failed = [
-        f"{name} = {g['value']} (limit {g['threshold']})"
-        for name, g in report["gates"].items()
-        if not g["passed"]
-    ]
-    if failed:
-        raise QualityGateError(f"data validation failed: {'; '.join(failed)}; see {paths.validation_summary}")
+    raise_failed_gates(report["gates"], "data validation", paths.validation_summary)
     return report
