@@ -11,6 +11,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from catdog import onnx_model
 from catdog.errors import ConfigError
 
 CLASSES: tuple[str, ...] = ("cat", "dog")
@@ -308,11 +309,11 @@ class Paths:
 
     @property
     def onnx_model(self) -> Path:
-        return self.models / "model.onnx"
+        return self.models / onnx_model.FP32_FILE
 
     @property
     def model_card(self) -> Path:
-        return self.models / "model_card.md"
+        return self.models / onnx_model.CARD_FILE
 
     @property
     def labels(self) -> Path:
@@ -320,7 +321,7 @@ class Paths:
 
     @property
     def reference_stats(self) -> Path:
-        return self.models / "reference_stats.json"
+        return self.models / onnx_model.REFERENCE_FILE
 
     @property
     def export_metrics(self) -> Path:

@@ -25,12 +25,10 @@ from torch import nn
 
 from catdog import image_stats
 from catdog.errors import CatdogError, QualityGateError
+from catdog.onnx_model import INPUT_NAME, OUTPUT_NAMES
 from catdog.preprocessing import PreprocessConfig, decode, preprocess_batch
 from catdog.training.checkpoint import predict_proba
 
-INPUT_NAME = "image"
-OUTPUT_NAMES = ("probabilities", "logits")
-PROVIDERS = ["CPUExecutionProvider"]
 SIZE_PROPERTIES = ("width", "height", "aspect_ratio")
 LOW_PRECISION = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 NOISY_LOGGERS = ("onnx_ir", "onnxscript", "torch.onnx")
@@ -124,14 +122,6 @@ def check_exported(proto: onnx.ModelProto) -> None:
 def onnx_metadata(path: Path) -> dict[str, str]:
     """The metadata_props of an ONNX file."""
     return {prop.key: prop.value for prop in onnx.load(str(path), load_external_data=False).metadata_props}
-
-
-def session(path: Path, threads: int | None = None) -> ort.InferenceSession:
-    """An onnxruntime CPU session for the exported model."""
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), sess_options=options, providers=PROVIDERS)
 
 
 def load_inputs(paths: Sequence[Path], config: PreprocessConfig) -> np.ndarray:

@@ -21,7 +21,7 @@ import torch
 from conftest import write_tiny_project
 from PIL import Image
 
-from catdog import export, tracking
+from catdog import export, onnx_model, tracking
 from catdog.config import Project
 from catdog.errors import QualityGateError
 from catdog.preprocessing import PreprocessConfig, preprocess
@@ -131,7 +131,7 @@ def test_dynamic_batch_matches_pytorch(exported: tuple[Project, dict], batch: in
     model, config, _ = load_classifier(paths.model_checkpoint)
     images = sorted((paths.processed / "test").rglob("*.jpg"))[:batch]
     inputs = export.load_inputs(images, config)
-    probs, logits = export.session(paths.onnx_model).run(None, {"image": inputs})
+    probs, logits = onnx_model.session(paths.onnx_model).run(None, {"image": inputs})
     assert probs.shape == logits.shape == (batch, 2)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-6)
     np.testing.assert_allclose(probs, torch.from_numpy(logits).softmax(dim=1).numpy(), atol=1e-6)
@@ -247,7 +247,7 @@ def test_graph_is_fp32_whatever_training_used(tmp_path: Path) -> None:
     assert {t.data_type for t in proto.graph.initializer} <= {onnx.TensorProto.FLOAT, onnx.TensorProto.INT64}
     assert "Transpose" not in {node.op_type for node in proto.graph.node}
     inputs = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
-    assert export.parity_difference(model, export.session(target), inputs) <= 1e-5
+    assert export.parity_difference(model, onnx_model.session(target), inputs) <= 1e-5
 
 
 SERVICE = textwrap.dedent(

@@ -18,7 +18,7 @@ from typing import Any
 
 import onnxruntime as ort
 
-from catdog import export, image_stats, tracking
+from catdog import export, image_stats, onnx_model, tracking
 from catdog.config import Project
 from catdog.lineage import data_version, git_state
 from catdog.preprocessing import PreprocessConfig
@@ -112,7 +112,7 @@ def export_checked(project: Project) -> dict[str, Any]:
             params.opset,
         )
         seconds = time.perf_counter() - started
-        sess = export.session(partial)
+        sess = onnx_model.session(partial)
         rows = read_manifest(paths.split_manifest)
         test = export.sample(split_paths(project, rows, "test"), params.parity_images, project.params.seed)
         inputs = export.load_inputs(test, config)

@@ -1,0 +1,50 @@
+"""The exported model's contract, importable without torch: tensor names, file names, session, metadata.
+
+onnxruntime is imported only to open a session, so the file names cost nothing to import.
+
+Used by the export stage (which writes the files) and the prediction service (which reads them).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+    import onnxruntime as ort
+
+INPUT_NAME = "image"
+OUTPUT_NAMES = ("probabilities", "logits")
+PROVIDERS = ["CPUExecutionProvider"]
+FP32_FILE = "model.onnx"
+INT8_FILE = "model.int8.onnx"
+CARD_FILE = "model_card.md"
+REFERENCE_FILE = "reference_stats.json"
+
+
+def session(path: Path, threads: int | None = None) -> ort.InferenceSession:
+    """An onnxruntime CPU session for an exported model (`threads` intra-op threads; None = all cores)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), sess_options=options, providers=PROVIDERS)
+
+
+def metadata(sess: ort.InferenceSession) -> dict[str, str]:
+    """The metadata_props the export stage stored in the model (labels, preprocessing, lineage...)."""
+    return dict(sess.get_modelmeta().custom_metadata_map)
+
+
+def metadata_json(meta: dict[str, str], key: str, default: object = None) -> object:
+    """A JSON-encoded metadata value, `default` when it is absent."""
+    return json.loads(meta[key]) if key in meta else default
+
+
+def probabilities(sess: ort.InferenceSession, batch: np.ndarray) -> np.ndarray:
+    """Class probabilities (N, classes) of one (N, 3, size, size) float32 batch."""
+    return sess.run([OUTPUT_NAMES[0]], {INPUT_NAME: batch})[0]
