@@ -23,7 +23,7 @@ ifeq ($(origin DATA_SOURCE),undefined)
 endif
 export DATA_SOURCE
 
-.PHONY: help install run test lint format mlflow-ui
+.PHONY: help install run serve test lint format mlflow-ui
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -45,6 +45,9 @@ run: install ## Run the pipeline (dvc repro) on DATA_SOURCE or params.yaml's sou
 	@echo "data source: $${DATA_SOURCE:-params.yaml data.source}"
 	@start=$$(date +%s); dvc repro && python -m catdog summary && \
 		echo "pipeline finished in $$(( $$(date +%s) - start ))s"
+
+serve: install ## Start the prediction service on port $$PORT (8000); MODEL_URI defaults to models/model.onnx
+	$(BIN)/python -m api
 
 mlflow-ui: install ## Browse the local MLflow store (runs, metrics, artifacts, models) on port 5000
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000

@@ -1,0 +1,67 @@
+"""Prometheus metrics of the service (one registry per app, exposed at GET /metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+CONFIDENCE_BUCKETS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.999, 1.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+
+
+class ServiceMetrics:
+    """Every metric the service exports, registered in its own registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "catdog_http_requests",
+            "HTTP requests by route, method and status.",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "catdog_http_request_duration_seconds",
+            "HTTP request latency by route.",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge("catdog_http_requests_in_flight", "Requests being handled.", registry=r)
+        self.predictions = Counter(
+            "catdog_predictions", "Predictions by predicted label.", ["label"], registry=r
+        )
+        self.confidence = Histogram(
+            "catdog_prediction_confidence",
+            "Probability of the predicted label.",
+            buckets=CONFIDENCE_BUCKETS,
+            registry=r,
+        )
+        self.rejected = Counter(
+            "catdog_rejected_images", "Uploads refused, by error code.", ["code"], registry=r
+        )
+        self.batch_size = Histogram(
+            "catdog_inference_batch_size",
+            "Images per model call (micro-batching).",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.inference = Histogram(
+            "catdog_inference_duration_seconds",
+            "Seconds per model call.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue = Gauge("catdog_inference_queue_images", "Images waiting for the model.", registry=r)
+        self.model = Info("catdog_model", "The model being served.", registry=r)
+        self.ready = Gauge("catdog_model_ready", "1 when a warmed-up model is serving.", registry=r)
+        self.reloads = Counter("catdog_model_reloads", "Model (re)loads by outcome.", ["outcome"], registry=r)
+
+    def observe_batch(self, size: int, seconds: float) -> None:
+        self.batch_size.observe(size)
+        self.inference.observe(seconds)
+
+    def observe_prediction(self, label: str, confidence: float) -> None:
+        self.predictions.labels(label=label).inc()
+        self.confidence.observe(confidence)

@@ -1,0 +1,166 @@
+"""The predictor owns the model: loading, warm-up, readiness, atomic reloads and micro-batched predictions."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+from starlette.concurrency import run_in_threadpool
+
+from api import model_loader
+from api.batching import MicroBatcher, QueueFull
+from api.errors import ApiError, decode_error
+from api.metrics import ServiceMetrics
+from api.model_loader import ModelBundle, ModelLoadError
+from api.settings import Settings
+from catdog.preprocessing import ImageDecodeError, preprocess
+
+log = logging.getLogger("catdog.api")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    probabilities: dict[str, float]
+    confidence: float
+    model: ModelBundle
+
+
+def warmup_image() -> bytes:
+    """A small real JPEG (a colour gradient) that goes through the whole decode path."""
+    ramp = np.linspace(0, 255, 320, dtype=np.uint8)
+    pixels = np.stack(
+        [np.tile(ramp, (240, 1)), np.tile(ramp[::-1], (240, 1)), np.full((240, 320), 128, np.uint8)]
+    )
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.transpose(1, 2, 0)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+class Predictor:
+    """The served model and the batcher in front of it."""
+
+    def __init__(self, settings: Settings, metrics: ServiceMetrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.batcher = MicroBatcher(
+            settings.batch_max_size, settings.batch_max_wait_ms, settings.max_queue, metrics.observe_batch
+        )
+        self.bundle: ModelBundle | None = None
+        self.status = "starting: the model is loading"
+        self._lock = asyncio.Lock()
+        self._loading: asyncio.Task[None] | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.bundle is not None
+
+    async def start(self) -> None:
+        """Start the batcher and load MODEL_URI in the background (the process answers /health at once)."""
+        self.batcher.start()
+        self._loading = asyncio.get_running_loop().create_task(self._load_configured(), name="model-load")
+
+    async def stop(self) -> None:
+        if self._loading is not None and not self._loading.done():
+            self._loading.cancel()
+        await self.batcher.stop()
+
+    async def _load_configured(self) -> None:
+        try:
+            await self.reload(self.settings.model_uri, self.settings.model_precision)
+        except ModelLoadError as exc:
+            self.status = f"no model: {exc}"
+            log.error("model not loaded: %s", exc)
+
+    async def reload(self, uri: str, precision: str) -> ModelBundle:
+        """Load and warm up the model at `uri`, then swap it in; on failure the current model stays."""
+        async with self._lock:
+            started = time.perf_counter()
+            try:
+                bundle = await asyncio.to_thread(
+                    model_loader.load, uri, precision, self.settings.threads, self.settings.model_cache_dir
+                )
+                await self._warm_up(bundle)
+            except ModelLoadError:
+                self.metrics.reloads.labels(outcome="failed").inc()
+                raise
+            except Exception as exc:
+                self.metrics.reloads.labels(outcome="failed").inc()
+                raise ModelLoadError(f"{uri}: {type(exc).__name__}: {exc}") from exc
+            self.bundle = bundle
+            self.status = "ready"
+            self.metrics.reloads.labels(outcome="loaded").inc()
+            self.metrics.ready.set(1)
+            self.metrics.model.info(
+                {
+                    "name": bundle.name,
+                    "version": bundle.version,
+                    "precision": bundle.precision,
+                    "uri": bundle.uri,
+                }
+            )
+            log.info(
+                "model ready",
+                extra={
+                    "model": bundle.name,
+                    "model_version": bundle.version,
+                    "precision": bundle.precision,
+                    "seconds": round(time.perf_counter() - started, 3),
+                },
+            )
+            return bundle
+
+    async def _warm_up(self, bundle: ModelBundle) -> None:
+        """One real prediction (decode included) and one full batch; fails on a wrong output."""
+        image = await run_in_threadpool(preprocess, warmup_image(), bundle.config)
+        for size in sorted({1, self.settings.batch_max_size}):
+            batch = np.repeat(image[None], size, axis=0)
+            out = await self.batcher.run_in_thread(bundle.predict, batch)
+            if out.shape != (size, len(bundle.labels)) or not np.allclose(out.sum(axis=1), 1, atol=1e-3):
+                raise ModelLoadError(
+                    f"warm-up prediction failed: got shape {out.shape} summing to {out.sum(axis=1)[:1]}, "
+                    f"expected ({size}, {len(bundle.labels)}) probabilities"
+                )
+
+    def current(self) -> ModelBundle:
+        """The model being served, or 503 model_not_ready."""
+        if self.bundle is None:
+            raise ApiError(503, "model_not_ready", self.status, headers={"Retry-After": "5"})
+        return self.bundle
+
+    async def preprocess(self, data: bytes, bundle: ModelBundle) -> np.ndarray:
+        """Decode and preprocess off the event loop with the shared module; bad images become ApiErrors."""
+        try:
+            return await run_in_threadpool(
+                preprocess, data, bundle.config, max_pixels=self.settings.max_image_pixels
+            )
+        except ImageDecodeError as exc:
+            error = decode_error(exc)
+        except (MemoryError, Image.DecompressionBombError) as exc:
+            error = ApiError(413, "image_too_large", f"the image is too large to decode: {exc}")
+        except Exception as exc:
+            error = ApiError(422, "corrupt_image", f"the image cannot be decoded ({type(exc).__name__})")
+        self.metrics.rejected.labels(code=error.code).inc()
+        raise error
+
+    async def predict(self, data: bytes) -> Prediction:
+        """Class probabilities of one uploaded image."""
+        bundle = self.current()
+        image = await self.preprocess(data, bundle)
+        try:
+            row = await self.batcher.predict(bundle, image)
+        except QueueFull as exc:
+            self.metrics.rejected.labels(code="overloaded").inc()
+            raise ApiError(503, "overloaded", str(exc), headers={"Retry-After": "1"}) from exc
+        finally:
+            self.metrics.queue.set(self.batcher.waiting)
+        probabilities = {label: round(float(p), 6) for label, p in zip(bundle.labels, row, strict=True)}
+        index = int(np.argmax(row))
+        prediction = Prediction(bundle.labels[index], probabilities, float(row[index]), bundle)
+        self.metrics.observe_prediction(prediction.label, prediction.confidence)
+        return prediction

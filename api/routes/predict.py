@@ -1,0 +1,156 @@
+"""POST /predict, /predict/batch and /predict/base64: image in, class probabilities out."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import re
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Request, UploadFile
+
+from api import errors
+from api.deps import PredictorDep, SettingsDep
+from api.errors import ApiError
+from api.predictor import Prediction
+from api.schemas import Base64In, BatchError, BatchOut, BatchPrediction, ModelRef, PredictionOut
+
+router = APIRouter(tags=["predict"])
+DATA_URL = re.compile(r"^data:[\w.+/-]*(;[\w=.+-]+)*;base64,", re.IGNORECASE)
+FORMATS = "JPEG, PNG, GIF (first frame), WebP, BMP or TIFF; the format is read from the bytes, not the name"
+
+
+def _elapsed_ms(request: Request) -> float:
+    return round((time.perf_counter() - request.state.started) * 1000, 2)
+
+
+def _safe_name(name: str | None) -> str | None:
+    """The client's file name, cut short, for the response and the (JSON-escaped) log."""
+    return name[:200] if name else None
+
+
+def _too_large(size: int, limit: int) -> ApiError:
+    return ApiError(413, "upload_too_large", f"the file is {size} bytes, over the limit of {limit} bytes")
+
+
+async def read_upload(upload: UploadFile, limit: int) -> bytes:
+    """The uploaded file's bytes, refusing more than `limit` without reading past it."""
+    if upload.size is not None and upload.size > limit:
+        raise _too_large(upload.size, limit)
+    data = await upload.read(limit + 1)
+    if len(data) > limit:
+        raise _too_large(len(data), limit)
+    return data
+
+
+def _model(prediction: Prediction) -> ModelRef:
+    return ModelRef(name=prediction.model.name, version=prediction.model.version)
+
+
+def _log(request: Request, prediction: Prediction, filename: str | None) -> None:
+    request.state.log = {
+        "model": prediction.model.name,
+        "model_version": prediction.model.version,
+        "label": prediction.label,
+        "confidence": round(prediction.confidence, 4),
+        "upload_name": filename,
+    }
+
+
+async def _answer(request: Request, predictor: Any, data: bytes, filename: str | None) -> PredictionOut:
+    prediction = await predictor.predict(data)
+    _log(request, prediction, filename)
+    return PredictionOut(
+        label=prediction.label,
+        probabilities=prediction.probabilities,
+        model=_model(prediction),
+        request_id=request.state.request_id,
+        latency_ms=_elapsed_ms(request),
+    )
+
+
+@router.post(
+    "/predict",
+    response_model=PredictionOut,
+    summary="Classify one uploaded image",
+    responses=errors.responses(400, 413, 415, 422, 503),
+)
+async def predict(
+    request: Request,
+    predictor: PredictorDep,
+    settings: SettingsDep,
+    file: Annotated[UploadFile, File(description=f"The image: {FORMATS}.")],
+) -> PredictionOut:
+    """Multipart upload (field `file`): `curl -F file=@cat.jpg localhost:8000/predict`."""
+    data = await read_upload(file, settings.max_upload_bytes)
+    return await _answer(request, predictor, data, _safe_name(file.filename))
+
+
+@router.post(
+    "/predict/batch",
+    response_model=BatchOut,
+    summary="Classify several uploaded images",
+    responses=errors.responses(400, 413, 415, 422, 503),
+)
+async def predict_batch(
+    request: Request,
+    predictor: PredictorDep,
+    settings: SettingsDep,
+    files: Annotated[
+        list[UploadFile], File(description=f"The images (repeat the field `files`): {FORMATS}.")
+    ],
+) -> BatchOut:
+    """One result per file, in order; a bad file gets its own error and never fails the others."""
+    if len(files) > settings.max_batch_files:
+        raise ApiError(
+            413, "too_many_files", f"{len(files)} files sent; at most {settings.max_batch_files} per request"
+        )
+    predictor.current()
+
+    async def one(upload: UploadFile) -> BatchPrediction | BatchError:
+        name = _safe_name(upload.filename)
+        try:
+            prediction = await predictor.predict(await read_upload(upload, settings.max_upload_bytes))
+        except ApiError as exc:
+            return BatchError(filename=name, error=errors.ErrorDetail(code=exc.code, message=exc.message))
+        return BatchPrediction(
+            filename=name,
+            label=prediction.label,
+            probabilities=prediction.probabilities,
+            model=_model(prediction),
+        )
+
+    results = await asyncio.gather(*(one(upload) for upload in files))
+    labels = [r.label for r in results if isinstance(r, BatchPrediction)]
+    request.state.log = {"files": len(files), "predicted": len(labels), "labels": labels[:64]}
+    return BatchOut(
+        results=list(results), request_id=request.state.request_id, latency_ms=_elapsed_ms(request)
+    )
+
+
+def decode_base64(text: str, limit: int) -> bytes:
+    """The bytes of a base64 string (standard alphabet, optional data: URL prefix, whitespace ignored)."""
+    text = DATA_URL.sub("", text.strip(), count=1)
+    text = "".join(text.split())
+    if len(text) * 3 // 4 > limit:
+        raise _too_large(len(text) * 3 // 4, limit)
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ApiError(400, "invalid_base64", f"the image field is not valid base64: {exc}") from exc
+
+
+@router.post(
+    "/predict/base64",
+    response_model=PredictionOut,
+    summary="Classify one base64-encoded image",
+    responses=errors.responses(400, 413, 415, 422, 503),
+)
+async def predict_base64(
+    request: Request, predictor: PredictorDep, settings: SettingsDep, body: Base64In
+) -> PredictionOut:
+    """JSON body `{"image": "<base64>"}`; the same answer as /predict."""
+    data = decode_base64(body.image, settings.max_upload_bytes)
+    return await _answer(request, predictor, data, _safe_name(body.filename))

@@ -1,0 +1,116 @@
+"""Request and response bodies, with the examples shown in the OpenAPI schema and Swagger UI."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from api.errors import ErrorDetail
+
+PROBABILITIES = {"cat": 0.0132, "dog": 0.9868}
+
+
+class ModelRef(BaseModel):
+    name: str = Field(examples=["tf_efficientnet_lite0"])
+    version: str = Field(
+        description="Registry version for a registered MLflow model, else the first 12 hex digits of the "
+        "model file's SHA-256.",
+        examples=["3"],
+    )
+
+
+class PredictionOut(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "label": "dog",
+                    "probabilities": PROBABILITIES,
+                    "model": {"name": "tf_efficientnet_lite0", "version": "3"},
+                    "request_id": "5f0c6b1e2d4a4c8e9a7b3c1d2e3f4a5b",
+                    "latency_ms": 14.2,
+                }
+            ]
+        }
+    )
+
+    label: str = Field(description="The most probable class.", examples=["dog"])
+    probabilities: dict[str, float] = Field(description="P(class) for every class; they sum to 1.")
+    model: ModelRef
+    request_id: str = Field(description="Also in the X-Request-ID response header and the logs.")
+    latency_ms: float = Field(description="Time spent in the service for this request.")
+
+
+class BatchPrediction(BaseModel):
+    filename: str | None = Field(default=None, description="The uploaded file's name, as sent.")
+    label: str = Field(examples=["cat"])
+    probabilities: dict[str, float]
+    model: ModelRef
+
+
+class BatchError(BaseModel):
+    filename: str | None = Field(default=None, description="The uploaded file's name, as sent.")
+    error: ErrorDetail
+
+
+class BatchOut(BaseModel):
+    results: list[BatchPrediction | BatchError] = Field(
+        description="One entry per uploaded file, in order: a prediction or that file's own error."
+    )
+    request_id: str
+    latency_ms: float
+
+
+class Base64In(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"image": "/9j/4AAQSkZJRgABAQEASABIAAD...", "filename": "rex.jpg"}]}
+    )
+
+    image: str = Field(
+        description="The image file's bytes, base64-encoded (a data: URL prefix is accepted).", min_length=1
+    )
+    filename: str | None = Field(default=None, max_length=255)
+
+
+class Health(BaseModel):
+    status: str = Field(examples=["ok"])
+
+
+class Readiness(BaseModel):
+    status: str = Field(examples=["ready"])
+    ready: bool
+    model: ModelRef | None = None
+    detail: str = Field(examples=["ready"])
+
+
+class ModelOut(BaseModel):
+    name: str
+    version: str
+    precision: str = Field(examples=["fp32"])
+    uri: str = Field(
+        description="MODEL_URI (or the URI of the last reload).", examples=["models:/catdog@champion"]
+    )
+    labels: list[str] = Field(examples=[["cat", "dog"]])
+    preprocessing: dict[str, Any] = Field(
+        description="The recipe in the model's metadata, applied to every image."
+    )
+    metrics: dict[str, Any] = Field(description="Test metrics and quantization figures recorded at export.")
+    lineage: dict[str, Any] = Field(description="Data version and git commit of the training run.")
+    registry: dict[str, Any] | None = Field(default=None, description="Registered name, version and aliases.")
+    loaded_at: float = Field(description="Unix time the model was loaded.")
+    card: str | None = Field(default=None, description="The model card (Markdown).")
+
+
+class ReloadIn(BaseModel):
+    model_uri: str | None = Field(default=None, description="Defaults to MODEL_URI.", max_length=2048)
+    precision: str | None = Field(
+        default=None, pattern="^(auto|fp32|int8)$", description="Defaults to MODEL_PRECISION."
+    )
+
+
+class ReloadOut(BaseModel):
+    status: str = Field(examples=["reloaded"])
+    previous: ModelRef | None
+    model: ModelRef
+    seconds: float

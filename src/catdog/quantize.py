@@ -1,0 +1,158 @@
+"""Static int8 quantization of the exported fp32 ONNX model with onnxruntime (QDQ format), and the check of
+what it costs in accuracy.
+
+The int8 model keeps the fp32 model's contract: input `image` float32, outputs `probabilities` and `logits`
+float32. QuantizeLinear/DequantizeLinear pairs around the backbone's operators carry int8 weights and
+activation scales (calibrated on training images preprocessed exactly as served); onnxruntime's CPU kernels
+fuse them into integer convolutions. The classifier head (the nodes producing the graph outputs) stays fp32,
+so the probabilities are not rounded to 8 bits.
+
+Torch-free: NumPy, onnx, onnxruntime and catdog.preprocessing only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+from catdog import metrics as classification
+from catdog.errors import CatdogError
+from catdog.onnx_model import INPUT_NAME
+from catdog.preprocessing import PreprocessConfig, preprocess_batch
+
+log = logging.getLogger(__name__)
+
+FORMAT = "QDQ"
+WEIGHT_TYPE = QuantType.QInt8
+ACTIVATION_TYPE = QuantType.QUInt8
+CALIBRATION_BATCH = 16
+NOISY_LOGGERS = ("root",)
+
+
+class ImageCalibrationReader(CalibrationDataReader):
+    """Calibration inputs for onnxruntime: image files preprocessed as served, `batch_size` at a time."""
+
+    def __init__(self, paths: Sequence[Path], config: PreprocessConfig, batch_size: int = CALIBRATION_BATCH):
+        self.paths = list(paths)
+        self.config = config
+        self.batch_size = batch_size
+        self._batches: Iterator[np.ndarray] = iter(())
+        self.rewind()
+
+    def _generate(self) -> Iterator[np.ndarray]:
+        for start in range(0, len(self.paths), self.batch_size):
+            yield preprocess_batch(self.paths[start : start + self.batch_size], self.config)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self._batches, None)
+        return None if batch is None else {INPUT_NAME: batch}
+
+    def rewind(self) -> None:
+        self._batches = self._generate()
+
+
+def head_nodes(proto: onnx.ModelProto) -> list[str]:
+    """Names of the nodes that produce the graph's outputs (softmax and the logits' layer): kept in fp32."""
+    outputs = {output.name for output in proto.graph.output}
+    producers = {name: node for node in proto.graph.node for name in node.output}
+    head, pending = [], list(outputs)
+    while pending:
+        node = producers.get(pending.pop())
+        if node is None or node.name in head:
+            continue
+        head.append(node.name)
+        if node.op_type in {"Softmax", "Identity"}:
+            pending.extend(node.input)
+    return head
+
+
+def quantize_int8(
+    source: Path,
+    target: Path,
+    reader: CalibrationDataReader,
+    per_channel: bool,
+    *,
+    activation_type: QuantType = ACTIVATION_TYPE,
+    weight_type: QuantType = WEIGHT_TYPE,
+    pre_process: bool = True,
+) -> None:
+    """Write the static int8 QDQ model of the fp32 ONNX file `source` to `target` (self-contained).
+
+    Raises CatdogError naming the cause when onnxruntime cannot quantize the model.
+    """
+    prepared = target.with_name(target.name + ".prep")
+    try:
+        if pre_process:
+            quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+        model = prepared if pre_process else source
+        quantize_static(
+            str(model),
+            str(target),
+            reader,
+            quant_format=QuantFormat.QDQ,
+            per_channel=per_channel,
+            activation_type=activation_type,
+            weight_type=weight_type,
+            nodes_to_exclude=head_nodes(onnx.load(str(source), load_external_data=False)),
+            extra_options={"ActivationSymmetric": activation_type == QuantType.QInt8},
+        )
+    except Exception as exc:
+        target.unlink(missing_ok=True)
+        raise CatdogError(f"int8 quantization of {source} failed: {type(exc).__name__}: {exc}") from exc
+    finally:
+        prepared.unlink(missing_ok=True)
+
+
+def test_figures(y_true: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
+    """Accuracy and log loss of class probabilities (N, classes)."""
+    scores = classification.classification_metrics(y_true, probabilities)
+    return {"accuracy": round(scores["accuracy"], 6), "log_loss": round(scores["log_loss"], 6)}
+
+
+def comparison(
+    y_true: np.ndarray, fp32: np.ndarray, int8: np.ndarray, max_accuracy_drop: float
+) -> dict[str, Any]:
+    """fp32 vs int8 on the same images: accuracy, log loss, the drop in points and whether int8 is approved."""
+    before, after = test_figures(y_true, fp32), test_figures(y_true, int8)
+    drop = round((before["accuracy"] - after["accuracy"]) * 100, 4)
+    return {
+        "test_images": len(y_true),
+        "fp32": before,
+        "int8": after,
+        "accuracy_drop_points": drop,
+        "max_accuracy_drop": max_accuracy_drop,
+        "max_abs_prob_diff": round(float(np.abs(fp32 - int8).max()), 6) if len(y_true) else 0.0,
+        "approved": bool(drop <= max_accuracy_drop),
+    }
+
+
+def settings(per_channel: bool, calibration_images: int) -> dict[str, Any]:
+    """How the int8 model was made, as metrics/export.json records it."""
+    return {
+        "calibration_images": calibration_images,
+        "per_channel": per_channel,
+        "format": FORMAT,
+        "weight_type": WEIGHT_TYPE.name,
+        "activation_type": ACTIVATION_TYPE.name,
+        "activation_symmetric": ACTIVATION_TYPE == QuantType.QInt8,
+        "calibration_method": "MinMax",
+    }
+
+
+def summary(block: Mapping[str, Any]) -> dict[str, Any]:
+    """The quantization figures stored in the ONNX metadata `metrics`."""
+    if not block.get("enabled"):
+        return {"enabled": False}
+    return {
+        "approved": block["approved"],
+        "accuracy_drop_points": block["accuracy_drop_points"],
+        "max_accuracy_drop": block["max_accuracy_drop"],
+        "int8": block["int8"],
+    }
