@@ -46,7 +46,7 @@ run: install ## Run the pipeline (dvc repro) on DATA_SOURCE or params.yaml's sou
 	@start=$$(date +%s); dvc repro && python -m catdog summary && \
 		echo "pipeline finished in $$(( $$(date +%s) - start ))s"
 
-serve: install ## Start the prediction service on port $$PORT (8000); MODEL_URI defaults to models/model.onnx
+serve: install ## Start the prediction service on port PORT (8000); MODEL_URI defaults to models/model.onnx
 	$(BIN)/python -m api
 
 mlflow-ui: install ## Browse the local MLflow store (runs, metrics, artifacts, models) on port 5000
