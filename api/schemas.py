@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from api.errors import ErrorDetail
 
 PROBABILITIES = {"cat": 0.0132, "dog": 0.9868}
+TINY_PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
 
 
 class ModelRef(BaseModel):
@@ -63,9 +64,7 @@ class BatchOut(BaseModel):
 
 
 class Base64In(BaseModel):
-    model_config = ConfigDict(
-        json_schema_extra={"examples": [{"image": "/9j/4AAQSkZJRgABAQEASABIAAD...", "filename": "rex.jpg"}]}
-    )
+    model_config = ConfigDict(json_schema_extra={"examples": [{"image": TINY_PNG, "filename": "pixel.png"}]})
 
     image: str = Field(
         description="The image file's bytes, base64-encoded (a data: URL prefix is accepted).", min_length=1

@@ -22,7 +22,7 @@ log = logging.getLogger("catdog.api")
     "/reload",
     response_model=ReloadOut,
     summary="Load a model and swap it in",
-    responses=errors.responses(401, 403, 422),
+    responses=errors.responses(400, 401, 403, 422),
 )
 async def reload(
     predictor: PredictorDep, settings: SettingsDep, body: Annotated[ReloadIn | None, Body()] = None

@@ -94,16 +94,29 @@ def stop_server(server: Server) -> None:
 
 
 @pytest.fixture(scope="session")
-def exported_model(trained_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """models/ of a project whose export stage ran on the tiny real lite0 training run (model.onnx,
-    model.int8.onnx, model card...); shared, so never modified."""
+def served_project(trained_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A project whose evaluate and export stages ran on the tiny real lite0 training run: models/ holds
+    model.onnx (test metrics in its metadata), model.int8.onnx and the model card, and
+    reports/evaluate/predictions.csv the evaluation stage's probabilities; shared, so never modified."""
     pytest.importorskip("onnxscript")
-    from catdog.stages import export
+    import yaml
+
+    from catdog.stages import evaluate, export
 
     target = tmp_path_factory.mktemp("served") / "project"
     root = Path(shutil.copytree(trained_project, target, symlinks=True))
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["evaluate"].update(min_accuracy=0.0, min_f1=0.0, max_log_loss=100.0, worst_examples=2)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    evaluate.run(root)
     export.run(root)
-    return root / "models"
+    return root
+
+
+@pytest.fixture(scope="session")
+def exported_model(served_project: Path) -> Path:
+    """The served project's models/ folder."""
+    return served_project / "models"
 
 
 @pytest.fixture(scope="session")
