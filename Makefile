@@ -23,7 +23,7 @@ ifeq ($(origin DATA_SOURCE),undefined)
 endif
 export DATA_SOURCE
 
-.PHONY: help install run serve test lint format mlflow-ui
+.PHONY: help install browser run serve test lint format mlflow-ui
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -52,7 +52,19 @@ serve: install ## Start the prediction service on port PORT (8000); MODEL_URI de
 mlflow-ui: install ## Browse the local MLflow store (runs, metrics, artifacts, models) on port 5000
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000
 
-test: install ## Lint, then the whole test suite (unit, integration, e2e)
+browser: ## Install Chromium for the web page's browser test (apt-get; a no-op when /usr/bin/chromium exists)
+	@APT="env DEBIAN_FRONTEND=noninteractive apt-get"; PKGS="chromium chromium-driver"; \
+	if [ -x /usr/bin/chromium ]; then :; \
+	elif ! command -v apt-get >/dev/null; then echo "browser: no apt-get here; install Chromium yourself or the page test is skipped"; \
+	else \
+		if [ "$$(id -u)" = 0 ]; then SUDO=""; elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
+		else echo "browser: Chromium missing and neither root nor sudo: the page test is skipped"; exit 0; fi; \
+		echo "Installing Chromium with apt-get"; \
+		$$SUDO $$APT install -y -qq $$PKGS >/dev/null 2>&1 || { $$SUDO $$APT update -qq && $$SUDO $$APT install -y -qq $$PKGS >/dev/null; } \
+			|| echo "browser: apt-get could not install Chromium: the page test is skipped"; \
+	fi
+
+test: install browser ## Lint, then the whole test suite (unit, integration, e2e)
 	$(BIN)/ruff check .
 	$(BIN)/pytest || [ $$? -eq 5 ]
 

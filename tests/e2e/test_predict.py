@@ -181,6 +181,7 @@ def test_upload_over_the_limit_is_refused_without_reading_it(server) -> None:
         declared = post_file(client, big, "big.jpg")
 
         def chunks():
+            yield b'--x\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n\r\n'
             for _ in range(30):
                 yield bytes(1024 * 1024)
 
