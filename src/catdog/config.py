@@ -147,6 +147,13 @@ class TrackingParams(_Section):
     experiment: str = "catdog"
 
 
+class QuantizationParams(_Section):
+    enabled: bool = True
+    calibration_images: int = Field(default=200, ge=1)
+    per_channel: bool = True
+    max_accuracy_drop: float = Field(default=0.2, ge=0)
+
+
 class ExportParams(_Section):
     opset: int = Field(default=18, ge=18)
     parity_tolerance: float = Field(default=1e-4, ge=0)
@@ -155,6 +162,7 @@ class ExportParams(_Section):
     throughput_batch_size: int = Field(default=32, ge=1)
     batch_size: int = Field(default=32, ge=1)
     reference_images: int | None = Field(default=None, ge=1)
+    quantization: QuantizationParams = QuantizationParams()
 
 
 class Params(BaseModel):
@@ -310,6 +318,10 @@ class Paths:
     @property
     def onnx_model(self) -> Path:
         return self.models / onnx_model.FP32_FILE
+
+    @property
+    def int8_model(self) -> Path:
+        return self.models / onnx_model.INT8_FILE
 
     @property
     def model_card(self) -> Path:

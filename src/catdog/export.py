@@ -94,7 +94,11 @@ def export_onnx(
 
 
 def check_exported(proto: onnx.ModelProto) -> None:
-    """Refuse a graph with external data, low-precision (fp16/bf16) tensors or casts, or an invalid graph."""
+    """Refuse a graph with external data, low-precision (fp16/bf16) tensors or casts, or an invalid graph.
+
+    fp16/bf16 would change the numbers the parity check vouched for; int8 QDQ (quantize.py) is fine: its
+    int8 initializers pass, and it computes on float32 inputs and outputs like the fp32 model.
+    """
     onnx.checker.check_model(proto, full_check=True)
     problems = [
         f"initializer {t.name} stored externally"
@@ -115,8 +119,23 @@ def check_exported(proto: onnx.ModelProto) -> None:
     ]
     if problems:
         raise CatdogError(
-            f"the exported ONNX graph is not a self-contained fp32 model: {'; '.join(problems)}"
+            f"the exported ONNX graph is not a self-contained fp32 (or int8 QDQ) model: {'; '.join(problems)}"
         )
+
+
+def add_metadata(path: Path, props: Mapping[str, str]) -> None:
+    """Add (or replace) metadata_props of an ONNX file, keeping the others; rewritten atomically, checked,
+    and still self-contained."""
+    proto = onnx.load(str(path))
+    existing = {prop.key: prop.value for prop in proto.metadata_props}
+    onnx.helper.set_model_props(proto, {**existing, **props})
+    check_exported(proto)
+    partial = path.with_name(path.name + ".meta.partial")
+    try:
+        onnx.save(proto, str(partial))
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def onnx_metadata(path: Path) -> dict[str, str]:

@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -153,11 +153,21 @@ def log_files(paths: list[Path], artifact_path: str) -> None:
             mlflow.log_artifacts(str(path), artifact_path=f"{artifact_path}/{path.name}")
 
 
-def log_onnx_model(path: Path, size: int, output_names: tuple[str, ...] = ("probabilities",)) -> str:
-    """Log the exported ONNX file as the run's MLflow model with its tensor signature; returns its URI."""
+def log_onnx_model(
+    path: Path,
+    size: int,
+    output_names: tuple[str, ...] = ("probabilities",),
+    extra_files: Sequence[Path] = (),
+) -> str:
+    """Log the exported ONNX file as the run's MLflow model with its tensor signature; returns its URI.
+
+    The `extra_files` that exist (the int8 model, model card, labels, reference statistics, export
+    metrics) travel with the model, in its extra_files/ folder.
+    """
     import mlflow
     import numpy as np
     import onnx
+    import onnxruntime
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
@@ -165,8 +175,6 @@ def log_onnx_model(path: Path, size: int, output_names: tuple[str, ...] = ("prob
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, size, size), "image")]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 2), name) for name in output_names]),
     )
-    import onnxruntime
-
     requirements = [f"onnxruntime=={onnxruntime.__version__}", f"onnx=={onnx.__version__}", "numpy<2"]
     info = mlflow.onnx.log_model(
         onnx.load(str(path)),
@@ -174,6 +182,7 @@ def log_onnx_model(path: Path, size: int, output_names: tuple[str, ...] = ("prob
         signature=signature,
         save_as_external_data=False,
         pip_requirements=requirements,
+        extra_files=[str(file) for file in extra_files if file.is_file()] or None,
     )
     mlflow.set_tag("model_uri", info.model_uri)
     return info.model_uri

@@ -1,4 +1,5 @@
-"""The export stage on a tiny real-photo dataset: ONNX file, metadata, parity, torch-free serving, card."""
+"""The export stage on a tiny real-photo dataset: ONNX file, metadata, parity, int8 quantization, torch-free
+serving, card."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
+import yaml
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -21,18 +24,52 @@ import torch
 from conftest import write_tiny_project
 from PIL import Image
 
-from catdog import export, onnx_model, tracking
+from catdog import export, onnx_model, quantize, tracking
 from catdog.config import Project
-from catdog.errors import QualityGateError
+from catdog.errors import CatdogError, QualityGateError
 from catdog.preprocessing import PreprocessConfig, preprocess
 from catdog.stages import export as export_stage
-from catdog.stages.prepare import MANIFEST_FIELDS
+from catdog.stages.prepare import MANIFEST_FIELDS, read_manifest
 from catdog.training.backbones import build_model, preprocess_config
 from catdog.training.checkpoint import load_classifier, predict_proba, write_model_checkpoint
 from catdog.training.module import ClassifierModule
 
 SIZE = 64
-EXPORT = {"parity_images": 8, "latency_runs": 5, "throughput_batch_size": 4, "batch_size": 4}
+CALIBRATION = 10
+LOGIT_TOLERANCE = 0.05
+QUANTIZATION = {
+    "enabled": True,
+    "calibration_images": CALIBRATION,
+    "per_channel": True,
+    "max_accuracy_drop": 0.2,
+}
+EXPORT = {
+    "parity_images": 8,
+    "latency_runs": 5,
+    "throughput_batch_size": 4,
+    "batch_size": 4,
+    "quantization": QUANTIZATION,
+}
+QUANTIZATION_KEYS = {
+    "enabled",
+    "calibration_images",
+    "per_channel",
+    "format",
+    "weight_type",
+    "activation_type",
+    "activation_symmetric",
+    "calibration_method",
+    "int8_size_mb",
+    "test_images",
+    "fp32",
+    "int8",
+    "accuracy_drop_points",
+    "max_accuracy_drop",
+    "max_abs_prob_diff",
+    "approved",
+    "onnxruntime",
+    "speedup",
+}
 
 
 def save_checkpoint(project: Project, model_name: str = "simple_cnn") -> None:
@@ -94,8 +131,26 @@ def exported(
         "splits": {"train": {"cat": 8, "dog": 8}, "val": {"cat": 4, "dog": 4}, "test": {"cat": 4, "dog": 4}}
     }
     export.write_json(prepare, project.paths.prepare_metrics)
-    export_stage.run(project.root)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(quantize, "ImageCalibrationReader", RecordingReader)
+        export_stage.run(project.root)
     return project, originals
+
+
+class RecordingReader(quantize.ImageCalibrationReader):
+    """The calibration reader, noting the files it is given and the batches it hands onnxruntime."""
+
+    seen: ClassVar[dict[str, list]] = {"paths": [], "batches": []}
+
+    def __init__(self, paths: list[Path], config: PreprocessConfig) -> None:
+        super().__init__(paths, config)
+        self.seen.update(paths=list(paths), batches=[])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        feed = super().get_next()
+        if feed is not None:
+            self.seen["batches"].append(feed["image"].shape)
+        return feed
 
 
 def test_onnx_file_and_metadata(exported: tuple[Project, dict]) -> None:
@@ -107,10 +162,12 @@ def test_onnx_file_and_metadata(exported: tuple[Project, dict]) -> None:
     assert PreprocessConfig.from_json(meta["preprocessing"]) == preprocess_config("simple_cnn", SIZE)
     assert meta["model_name"] == "simple_cnn"
     assert {"data_version", "git_commit"} <= set(meta)
+    assert meta["precision"] == "fp32" and "int8_approved" not in meta
     assert sorted(p.name for p in paths.models.iterdir() if p.is_file()) == [
         "labels.json",
         "mlflow_run.json",
         "model.ckpt",
+        "model.int8.onnx",
         "model.onnx",
         "model_card.md",
         "reference_stats.json",
@@ -146,6 +203,151 @@ def test_metrics(exported: tuple[Project, dict]) -> None:
     runtime = metrics["onnxruntime"]
     assert 0 < runtime["latency_ms_median"] <= runtime["latency_ms_p95"]
     assert runtime["images_per_second"] > 0 and runtime["batch_size"] == 4
+
+
+def test_int8_model_file(exported: tuple[Project, dict]) -> None:
+    paths = exported[0].paths
+    proto = onnx.load(str(paths.int8_model))
+    onnx.checker.check_model(proto, full_check=True)
+    export.check_exported(proto)
+    assert not any(onnx.external_data_helper.uses_external_data(t) for t in proto.graph.initializer)
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {node.op_type for node in proto.graph.node}
+    assert onnx.TensorProto.INT8 in {t.data_type for t in proto.graph.initializer}
+    [softmax] = [node for node in proto.graph.node if node.op_type == "Softmax"]
+    assert (list(softmax.input), list(softmax.output)) == (["logits"], ["probabilities"])
+    [image] = proto.graph.input
+    assert (image.name, image.type.tensor_type.elem_type) == ("image", onnx.TensorProto.FLOAT)
+    outputs = [(o.name, o.type.tensor_type.elem_type) for o in proto.graph.output]
+    assert outputs == [("probabilities", onnx.TensorProto.FLOAT), ("logits", onnx.TensorProto.FLOAT)]
+    assert export.model_size_mb(paths.int8_model) < export.model_size_mb(paths.onnx_model)
+
+
+def test_int8_and_fp32_metadata(exported: tuple[Project, dict]) -> None:
+    paths = exported[0].paths
+    metrics = json.loads(paths.export_metrics.read_text())
+    block = metrics["quantization"]
+    fp32 = export.onnx_metadata(paths.onnx_model)
+    int8 = onnx_model.metadata(onnx_model.session(paths.int8_model))
+    assert (fp32["precision"], int8["precision"]) == ("fp32", "int8")
+    assert int8["int8_approved"] == json.dumps(block["approved"])
+    for key in ("labels", "preprocessing", "model_name", "data_version", "git_commit", "git_dirty"):
+        assert int8[key] == fp32[key]
+    figures = json.loads(int8["metrics"])
+    assert figures == json.loads(fp32["metrics"])
+    assert "test" not in figures
+    assert figures["onnx_test"] == {k: metrics["onnx_test"][k] for k in ("accuracy", "log_loss")}
+    assert figures["quantization"] == {
+        "approved": block["approved"],
+        "accuracy_drop_points": block["accuracy_drop_points"],
+        "max_accuracy_drop": 0.2,
+        "int8": block["int8"],
+    }
+
+
+def test_int8_probabilities_close_to_fp32(exported: tuple[Project, dict]) -> None:
+    """int8 tracks fp32 on the test images, by a bound relative to the logits' spread: the untrained 64 px
+    simple_cnn's logits are tiny (P near 0.5). Per-channel int8 weights and calibrated uint8 activations
+    round each layer's values by at most half a step, 1/510 of their range, so simple_cnn's few layers move
+    the logit difference by ~1% of its spread (0.4% measured): LOGIT_TOLERANCE = 5% leaves a margin and
+    still catches a wrong scale. With softmax kept in fp32, P(dog) = sigmoid(logit difference) then moves by
+    at most 1/4 (sigmoid's largest slope) of that; a softmax quantized to 8 bits would break that bound."""
+    paths = exported[0].paths
+    metrics = json.loads(paths.export_metrics.read_text())
+    images = sorted((paths.processed / "test").rglob("*.jpg"))
+    inputs = export.load_inputs(images, preprocess_config("simple_cnn", SIZE))
+    fp32_probs, fp32_logits = onnx_model.session(paths.onnx_model).run(None, {"image": inputs})
+    int8_probs, int8_logits = onnx_model.session(paths.int8_model).run(None, {"image": inputs})
+    np.testing.assert_allclose(int8_probs.sum(axis=1), 1.0, atol=1e-6)
+    fp32_margin, int8_margin = np.diff(fp32_logits, axis=1)[:, 0], np.diff(int8_logits, axis=1)[:, 0]
+    shift = np.abs(int8_margin - fp32_margin)
+    assert shift.max() <= LOGIT_TOLERANCE * np.abs(fp32_margin).max()
+    assert np.all(np.abs(int8_probs - fp32_probs).max(axis=1) <= shift / 4 + 1e-6)
+    difference = float(np.abs(int8_probs - fp32_probs).max())
+    assert metrics["quantization"]["max_abs_prob_diff"] == pytest.approx(difference, abs=1e-6)
+
+
+def test_quantization_metrics(exported: tuple[Project, dict]) -> None:
+    paths = exported[0].paths
+    metrics = json.loads(paths.export_metrics.read_text())
+    block = metrics["quantization"]
+    assert set(block) == QUANTIZATION_KEYS
+    assert block["enabled"] and block["per_channel"] and block["format"] == "QDQ"
+    assert (block["weight_type"], block["activation_type"]) == ("QInt8", "QUInt8")
+    assert block["calibration_images"] == CALIBRATION and block["test_images"] == 8
+    assert block["int8_size_mb"] == export.model_size_mb(paths.int8_model)
+    rows = [row for row in read_manifest(paths.split_manifest) if row["split"] == "test"]
+    labels = np.array([["cat", "dog"].index(row["label"]) for row in rows])
+    config = preprocess_config("simple_cnn", SIZE)
+    inputs = export.load_inputs([paths.processed / row["path"] for row in rows], config)
+    probs = onnx_model.probabilities(onnx_model.session(paths.onnx_model), inputs)
+    assert block["fp32"] == quantize.figures(labels, probs)
+    assert block["fp32"] == {k: metrics["onnx_test"][k] for k in ("accuracy", "log_loss")}
+    for figures in (block["fp32"], block["int8"]):
+        assert figures["accuracy"] * 8 == pytest.approx(round(figures["accuracy"] * 8), abs=1e-4)
+        assert figures["log_loss"] > 0
+    drop = (block["fp32"]["accuracy"] - block["int8"]["accuracy"]) * 100
+    assert block["accuracy_drop_points"] == pytest.approx(drop, abs=1e-3)
+    assert block["approved"] == (block["accuracy_drop_points"] <= block["max_accuracy_drop"] == 0.2)
+    speed = block["onnxruntime"]
+    assert 0 < speed["latency_ms_median"] <= speed["latency_ms_p95"] and speed["batch_size"] == 4
+    ratio = speed["images_per_second"] / metrics["onnxruntime"]["images_per_second"]
+    assert block["speedup"] == pytest.approx(ratio, abs=0.01)
+
+
+def test_calibration_uses_training_images_only(exported: tuple[Project, dict]) -> None:
+    project = exported[0]
+    rows = read_manifest(project.paths.split_manifest)
+    train = [project.paths.processed / row["path"] for row in rows if row["split"] == "train"]
+    seen = RecordingReader.seen
+    assert len(seen["paths"]) == min(CALIBRATION, len(train)) == CALIBRATION
+    assert seen["paths"] == export.sample(train, CALIBRATION, project.params.seed)
+    assert sum(shape[0] for shape in seen["batches"]) == CALIBRATION
+    assert {shape[1:] for shape in seen["batches"]} == {(3, SIZE, SIZE)}
+
+
+def test_calibration_reader(exported: tuple[Project, dict]) -> None:
+    paths = sorted((exported[0].paths.processed / "train").rglob("*.jpg"))[:5]
+    config = preprocess_config("simple_cnn", SIZE)
+    reader = quantize.ImageCalibrationReader(paths, config, batch_size=2)
+    feeds = list(iter(reader.get_next, None))
+    assert [feed["image"].shape[0] for feed in feeds] == [2, 2, 1]
+    np.testing.assert_array_equal(feeds[2]["image"], export.load_inputs(paths[4:], config))
+    reader.rewind()
+    np.testing.assert_array_equal(reader.get_next()["image"], feeds[0]["image"])
+
+
+def test_quantization_failure_is_a_clear_error(exported: tuple[Project, dict], tmp_path: Path) -> None:
+    paths = exported[0].paths
+    reader = quantize.ImageCalibrationReader([], preprocess_config("simple_cnn", SIZE))
+    target = tmp_path / "model.int8.onnx"
+    with pytest.raises(CatdogError, match=r"int8 quantization of .*model\.onnx failed: \w+"):
+        quantize.quantize_int8(paths.onnx_model, target, reader, per_channel=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def copy_project(exported: tuple[Project, dict], target: Path, **quantization: object) -> Project:
+    """A copy of the exported project with its own MLflow store and run, and export.quantization updated."""
+    ignore = shutil.ignore_patterns("mlflow.db", "mlruns")
+    root = Path(shutil.copytree(exported[0].root, target, ignore=ignore))
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["export"]["quantization"].update(quantization)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    project = Project(root)
+    with tracking.start_pipeline_run(project):
+        pass
+    return project
+
+
+def test_quantization_disabled_removes_the_int8_model(exported: tuple[Project, dict], tmp_path: Path) -> None:
+    project = copy_project(exported, tmp_path / "project", enabled=False)
+    assert project.paths.int8_model.is_file()
+    metrics = export_stage.run(project.root)
+    assert metrics["quantization"] == {"enabled": False}
+    assert json.loads(project.paths.export_metrics.read_text())["quantization"] == {"enabled": False}
+    assert sorted(p.name for p in project.paths.models.glob("model*.onnx*")) == ["model.onnx"]
+    figures = json.loads(export.onnx_metadata(project.paths.onnx_model)["metrics"])
+    assert figures["quantization"] == {"enabled": False}
+    assert "Not produced (export.quantization.enabled is false)" in project.paths.model_card.read_text()
 
 
 def test_reference_statistics(exported: tuple[Project, dict]) -> None:
@@ -189,6 +391,12 @@ def test_model_card(exported: tuple[Project, dict]) -> None:
         assert text in card
     assert "Not evaluated" in card
     assert "Parity: max |P_onnx - P_torch|" in card and "ms per image" in card
+    assert "onnxruntime on all 8 test images: accuracy" in card
+    section = card[card.index("## Quantized int8 model") : card.index("## Intended use")]
+    block = json.loads(project.paths.export_metrics.read_text())["quantization"]
+    assert f"on {CALIBRATION} training images" in section and "| accuracy |" in section
+    assert f"Accuracy drop: {block['accuracy_drop_points']:.2f} points" in section
+    assert ("**Approved**" in section) == block["approved"] and "MODEL_PRECISION=int8" in section
 
 
 def test_model_card_reads_evaluation(exported: tuple[Project, dict], tmp_path: Path) -> None:
@@ -210,6 +418,8 @@ def test_model_card_reads_evaluation(exported: tuple[Project, dict], tmp_path: P
     assert "calibration error" in card and "0.0123" in card
     assert "Not evaluated" not in card
     assert "`abc123.dir`" in card and "uncommitted changes: yes" in card
+    figures = json.loads(export_stage.metrics_metadata(project, metrics))
+    assert figures["test"] == {**test, "log_loss": 0.08, "ece": 0.0123}
 
 
 def test_parity_failure_fails_the_stage(
@@ -301,9 +511,18 @@ def test_lite0_export_parity(trained_copy: Path) -> None:
     assert metrics["parity"]["max_abs_diff"] <= 1e-4 and metrics["parity"]["images"] == 8
     assert export.onnx_metadata(project.paths.onnx_model)["model_name"] == "tf_efficientnet_lite0"
     assert 10 < metrics["onnx_size_mb"] < 20
+    block = metrics["quantization"]
+    assert set(block) == QUANTIZATION_KEYS and block["enabled"]
+    assert block["calibration_images"] == 16 and block["test_images"] == metrics["onnx_test"]["images"] == 8
+    assert 2 < block["int8_size_mb"] < metrics["onnx_size_mb"] / 2.5
+    assert block["approved"] == (block["accuracy_drop_points"] <= block["max_accuracy_drop"])
+    assert block["max_abs_prob_diff"] < 0.2 and block["onnxruntime"]["images_per_second"] > 0
+    int8 = export.onnx_metadata(project.paths.int8_model)
+    assert (int8["precision"], int8["int8_approved"]) == ("int8", json.dumps(block["approved"]))
+    assert int8["model_name"] == "tf_efficientnet_lite0"
 
 
-def test_mlflow_run_holds_the_onnx_model_and_files(exported: tuple[Project, dict]) -> None:
+def test_mlflow_run_holds_the_onnx_model_and_files(exported: tuple[Project, dict], tmp_path: Path) -> None:
     import mlflow
 
     project = exported[0]
@@ -318,3 +537,18 @@ def test_mlflow_run_holds_the_onnx_model_and_files(exported: tuple[Project, dict
     model = mlflow.models.get_model_info(run.data.tags["model_uri"])
     assert model.signature.inputs.inputs[0].shape == (-1, 3, SIZE, SIZE)
     assert [spec.name for spec in model.signature.outputs.inputs] == ["probabilities", "logits"]
+    block = json.loads(project.paths.export_metrics.read_text())["quantization"]
+    assert run.data.metrics["export/quantization/accuracy_drop_points"] == block["accuracy_drop_points"]
+    assert run.data.metrics["export/quantization/approved"] == float(block["approved"])
+    assert run.data.metrics["export/quantization/onnxruntime/images_per_second"] > 0
+    folder = Path(mlflow.artifacts.download_artifacts(run.data.tags["model_uri"], dst_path=str(tmp_path)))
+    assert (folder / "model.onnx").is_file()
+    extra = {path.name: path for path in (folder / "extra_files").iterdir()}
+    assert set(extra) == {
+        "model.int8.onnx",
+        "model_card.md",
+        "labels.json",
+        "reference_stats.json",
+        "export.json",
+    }
+    assert extra["model.int8.onnx"].read_bytes() == project.paths.int8_model.read_bytes()

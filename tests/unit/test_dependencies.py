@@ -24,6 +24,7 @@ IMPORT_NAMES = {
     "uvicorn": "uvicorn",
     "setuptools": "pkg_resources",
     "pytest-timeout": "pytest_timeout",
+    "python-json-logger": "pythonjsonlogger",
 }
 NOT_IMPORTABLE = {"ruff"}
 

@@ -2,9 +2,13 @@
 
 Writes models/model.onnx (fp32, dynamic batch, softmax inside, labels/preprocessing/lineage in its
 metadata) only when its probabilities match PyTorch's on real test images within export.parity_tolerance,
-then models/labels.json, models/reference_stats.json (image properties of the training split and the
-model's confidence on the validation split, for drift monitoring), metrics/export.json (parity, size,
-onnxruntime latency and throughput) and models/model_card.md.
+then models/model.int8.onnx (static int8 quantization calibrated on training images, when
+export.quantization.enabled; approved for serving only when its test accuracy is within
+export.quantization.max_accuracy_drop points of the fp32 model's), models/labels.json,
+models/reference_stats.json (image properties of the training split and the model's confidence on the
+validation split, for drift monitoring), metrics/export.json (parity, size, test accuracy of both ONNX
+models, onnxruntime latency and throughput) and models/model_card.md. Both ONNX files carry their precision
+and test figures in their metadata.
 """
 
 from __future__ import annotations
@@ -16,10 +20,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnxruntime as ort
 
-from catdog import export, image_stats, onnx_model, tracking
+from catdog import export, image_stats, onnx_model, quantize, tracking
 from catdog.config import Project
+from catdog.errors import CatdogError
 from catdog.lineage import data_version, git_state
 from catdog.preprocessing import PreprocessConfig
 from catdog.stages.prepare import read_manifest
@@ -30,6 +36,7 @@ log = logging.getLogger(__name__)
 
 UNKNOWN = "unknown"
 TEST_METRICS = ("accuracy", "precision", "recall", "f1", "roc_auc", "log_loss")
+METADATA_TEST_METRICS = (*TEST_METRICS, "ece")
 TRAIN_FIELDS = (
     "model",
     "pretrained",
@@ -95,13 +102,18 @@ def split_paths(project: Project, rows: list[dict[str, str]], split: str) -> lis
     return [project.paths.processed / row["path"] for row in rows if row["split"] == split]
 
 
+def partial_path(path: Path) -> Path:
+    """Where a file is written before it is renamed into place."""
+    return path.with_name(path.name + ".partial")
+
+
 def export_checked(project: Project) -> dict[str, Any]:
     """Export the checkpoint and keep models/model.onnx only when it passes the parity check."""
     paths, params = project.paths, project.params.export
     model, config, class_names = load_classifier(paths.model_checkpoint)
     hparams = read_checkpoint(paths.model_checkpoint)["hyper_parameters"]
     origin = lineage(project)
-    partial = paths.onnx_model.with_name(paths.onnx_model.name + ".partial")
+    partial = partial_path(paths.onnx_model)
     started = time.perf_counter()
     try:
         export.export_onnx(
@@ -141,6 +153,104 @@ def export_checked(project: Project) -> dict[str, Any]:
     }
 
 
+def held_out(project: Project, exported: dict[str, Any]) -> dict[str, Any]:
+    """The test split's files, their class indices (labels.json order) and the fp32 ONNX probabilities."""
+    rows = [row for row in exported["rows"] if row["split"] == "test"]
+    files = [project.paths.processed / row["path"] for row in rows]
+    return {
+        "paths": files,
+        "y_true": np.asarray([exported["class_names"].index(row["label"]) for row in rows], dtype=np.int64),
+        "fp32": split_probabilities(project, exported["session"], files, exported["config"]),
+    }
+
+
+def split_probabilities(
+    project: Project, sess: ort.InferenceSession, files: list[Path], config: PreprocessConfig
+) -> np.ndarray:
+    """Class probabilities of image files from an onnxruntime session, export.batch_size at a time."""
+    batches = export.path_batches(files, config, project.params.export.batch_size)
+    return export.onnx_probabilities(sess, batches)
+
+
+def quantize_model(project: Project, exported: dict[str, Any], test: dict[str, Any]) -> dict[str, Any]:
+    """The int8 model of models/model.onnx, written to models/model.int8.onnx.partial and compared with
+    fp32 on the test split; returns its session and metrics/export.json's quantization block."""
+    paths, params = project.paths, project.params.export.quantization
+    train = split_paths(project, exported["rows"], "train")
+    calibration = export.sample(train, params.calibration_images, project.params.seed)
+    if not calibration:
+        raise CatdogError("no training images to calibrate the int8 model with (data/processed/manifest.csv)")
+    target = partial_path(paths.int8_model)
+    reader = quantize.ImageCalibrationReader(calibration, exported["config"])
+    quantize.quantize_int8(paths.onnx_model, target, reader, params.per_channel)
+    sess = onnx_model.session(target)
+    int8 = split_probabilities(project, sess, test["paths"], exported["config"])
+    block = {
+        "enabled": True,
+        **quantize.settings(params.per_channel, len(calibration)),
+        "int8_size_mb": export.model_size_mb(target),
+        **quantize.comparison(test["y_true"], test["fp32"], int8, params.max_accuracy_drop),
+    }
+    if not block["approved"]:
+        log.warning(
+            "the int8 model loses %.2f points of test accuracy (limit %g): not approved for serving",
+            block["accuracy_drop_points"],
+            params.max_accuracy_drop,
+        )
+    return {"session": sess, "block": block}
+
+
+def runtime_speed(
+    project: Project, exported: dict[str, Any], quantized: dict[str, Any] | None
+) -> dict[str, Any]:
+    """onnxruntime speed of the fp32 model, and of the int8 one right after it (same inputs, batch size)."""
+    params = project.params.export
+    inputs = exported["parity_inputs"]
+    fp32 = export.benchmark(exported["session"], inputs, params.latency_runs, params.throughput_batch_size)
+    if quantized is None:
+        return {"fp32": fp32}
+    int8 = export.benchmark(quantized["session"], inputs, params.latency_runs, params.throughput_batch_size)
+    return {"fp32": fp32, "int8": int8}
+
+
+def quantization_block(quantized: dict[str, Any] | None, speed: dict[str, Any]) -> dict[str, Any]:
+    """metrics/export.json's quantization block, speed and speed-up over fp32 included."""
+    if quantized is None:
+        return {"enabled": False}
+    ratio = speed["int8"]["images_per_second"] / speed["fp32"]["images_per_second"]
+    return {**quantized["block"], "onnxruntime": speed["int8"], "speedup": round(ratio, 2)}
+
+
+def evaluation_test_metrics(project: Project) -> dict[str, float] | None:
+    """The evaluate stage's test metrics of the checkpoint, when metrics/evaluate.json exists."""
+    test = (read_json(project.paths.evaluate_metrics) or {}).get("test")
+    if not test:
+        return None
+    return {name: test[name] for name in METADATA_TEST_METRICS if name in test}
+
+
+def metrics_metadata(project: Project, metrics: dict[str, Any]) -> str:
+    """The `metrics` metadata of both ONNX files (JSON): evaluation, ONNX test figures, the int8 verdict."""
+    figures: dict[str, Any] = {}
+    test = evaluation_test_metrics(project)
+    if test is not None:
+        figures["test"] = test
+    figures["onnx_test"] = {key: metrics["onnx_test"][key] for key in ("accuracy", "log_loss")}
+    figures["quantization"] = quantize.summary(metrics["quantization"])
+    return json.dumps(figures)
+
+
+def stamp_models(project: Project, metrics: dict[str, Any], int8: Path | None) -> None:
+    """Precision and test figures into the metadata of models/model.onnx, and all of its metadata (labels,
+    preprocessing, lineage) plus the verdict into the int8 model's."""
+    fp32 = project.paths.onnx_model
+    export.add_metadata(fp32, {"precision": "fp32", "metrics": metrics_metadata(project, metrics)})
+    if int8 is not None:
+        approved = json.dumps(bool(metrics["quantization"]["approved"]))
+        props = {**export.onnx_metadata(fp32), "precision": "int8", "int8_approved": approved}
+        export.add_metadata(int8, props)
+
+
 def reference_statistics(project: Project, exported: dict[str, Any]) -> dict[str, Any]:
     """Image properties of the training split and the model's outputs on the validation split."""
     paths, params = project.paths, project.params.export
@@ -170,14 +280,32 @@ def reference_statistics(project: Project, exported: dict[str, Any]) -> dict[str
 
 
 def run(root: Path | None = None) -> dict[str, Any]:
-    """Export, check and document the model; returns metrics/export.json's content."""
+    """Export, quantize, check and document the model; returns metrics/export.json's content."""
     project = Project(root)
-    paths, params = project.paths, project.params.export
+    paths = project.paths
     started = time.perf_counter()
     exported = export_checked(project)
-    speed = export.benchmark(
-        exported["session"], exported["parity_inputs"], params.latency_runs, params.throughput_batch_size
-    )
+    paths.int8_model.unlink(missing_ok=True)
+    int8 = partial_path(paths.int8_model)
+    try:
+        metrics = measure(project, exported, started)
+        paths.model_card.write_text(model_card(project, exported, metrics))
+        stamp_models(project, metrics, int8 if metrics["quantization"]["enabled"] else None)
+        if metrics["quantization"]["enabled"]:
+            int8.replace(paths.int8_model)
+    finally:
+        int8.unlink(missing_ok=True)
+    log_to_mlflow(project, exported, metrics)
+    print(summary_line(project, metrics))
+    return metrics
+
+
+def measure(project: Project, exported: dict[str, Any], started: float) -> dict[str, Any]:
+    """Quantize, evaluate and benchmark; writes labels.json, reference_stats.json and metrics/export.json."""
+    paths, params = project.paths, project.params.export
+    test = held_out(project, exported)
+    quantized = quantize_model(project, exported, test) if params.quantization.enabled else None
+    speed = runtime_speed(project, exported, quantized)
     reference = reference_statistics(project, exported)
     export.write_json(exported["class_names"], paths.labels)
     export.write_json(reference, paths.reference_stats)
@@ -187,27 +315,51 @@ def run(root: Path | None = None) -> dict[str, Any]:
         "onnx_size_mb": export.model_size_mb(paths.onnx_model),
         "export_seconds": exported["export_seconds"],
         "parity": exported["parity"],
-        "onnxruntime": {"version": ort.__version__, "cpu_cores": available_cores(), **speed},
+        "onnxruntime": {"version": ort.__version__, "cpu_cores": available_cores(), **speed["fp32"]},
+        "onnx_test": {"images": len(test["y_true"]), **quantize.figures(test["y_true"], test["fp32"])},
+        "quantization": quantization_block(quantized, speed),
         "reference_images": reference["images"]["count"],
         "reference_predictions": reference["predictions"]["count"],
         "seconds": round(time.perf_counter() - started, 2),
     }
     export.write_json(metrics, paths.export_metrics)
-    paths.model_card.write_text(model_card(project, exported, metrics))
+    return metrics
+
+
+def log_to_mlflow(project: Project, exported: dict[str, Any], metrics: dict[str, Any]) -> None:
+    """Metrics, the model's files and the ONNX model (the int8 one and the files as its extra files)."""
+    paths = project.paths
+    files = [paths.model_card, paths.labels, paths.reference_stats, paths.export_metrics]
+    quantization = metrics["quantization"]
     with tracking.resume_pipeline_run(project):
         tracking.log_metrics(metrics, "export/")
-        tracking.log_files(
-            [paths.model_card, paths.labels, paths.reference_stats, paths.export_metrics], "model_files"
+        if quantization["enabled"]:
+            tracking.log_metrics({"approved": int(quantization["approved"])}, "export/quantization/")
+        tracking.log_files(files, "model_files")
+        model_uri = tracking.log_onnx_model(
+            paths.onnx_model, exported["config"].size, export.OUTPUT_NAMES, [paths.int8_model, *files]
         )
-        model_uri = tracking.log_onnx_model(paths.onnx_model, exported["config"].size, export.OUTPUT_NAMES)
     log.info("MLflow model %s", model_uri)
-    print(
+
+
+def summary_line(project: Project, metrics: dict[str, Any]) -> str:
+    """The stage's one-line report on the terminal."""
+    paths, speed, quantization = project.paths, metrics["onnxruntime"], metrics["quantization"]
+    line = (
         f"export: {paths.onnx_model} ({metrics['onnx_size_mb']} MB, "
-        f"parity {exported['parity']['max_abs_diff']:.2g}, "
+        f"parity {metrics['parity']['max_abs_diff']:.2g}, "
+        f"test accuracy {metrics['onnx_test']['accuracy']:.4f}, "
         f"{speed['latency_ms_median']} ms/image, {speed['images_per_second']} images/s at batch "
-        f"{speed['batch_size']}); model card {paths.model_card}"
+        f"{speed['batch_size']})"
     )
-    return metrics
+    if quantization["enabled"]:
+        verdict = "approved" if quantization["approved"] else "NOT approved"
+        line += (
+            f"; {paths.int8_model} ({quantization['int8_size_mb']} MB, accuracy drop "
+            f"{quantization['accuracy_drop_points']:.2f} points, {verdict}, "
+            f"{quantization['onnxruntime']['images_per_second']} images/s, x{quantization['speedup']})"
+        )
+    return line + f"; model card {paths.model_card}"
 
 
 def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> list[str]:
@@ -244,7 +396,8 @@ def _model_section(exported: dict[str, Any], metrics: dict[str, Any]) -> list[st
         f"- Format: ONNX opset {metrics['opset']}, float32, one self-contained file of "
         f"{metrics['onnx_size_mb']} MB; input `image` (batch, 3, {config.size}, {config.size}), outputs "
         "`probabilities` (softmax) and `logits`, both (batch, 2). The metadata holds `labels`, "
-        "`preprocessing`, `model_name`, `data_version` and `git_commit`.",
+        "`preprocessing`, `model_name`, `data_version`, `git_commit`, `precision` and `metrics` (test "
+        "figures).",
         "",
     ]
 
@@ -327,15 +480,55 @@ def _evaluation_sections(project: Project) -> list[str]:
 
 
 def _runtime_section(metrics: dict[str, Any]) -> list[str]:
-    parity, speed = metrics["parity"], metrics["onnxruntime"]
+    parity, speed, test = metrics["parity"], metrics["onnxruntime"], metrics["onnx_test"]
     return [
         "## ONNX parity and speed",
         "",
         f"- Parity: max |P_onnx - P_torch| = {parity['max_abs_diff']:.2e} on {parity['images']} test images "
         f"(tolerance {parity['tolerance']:g}).",
+        f"- onnxruntime on all {test['images']} test images: accuracy {_number(test['accuracy'])}, "
+        f"log loss {_number(test['log_loss'])}.",
         f"- onnxruntime {speed['version']} (CPUExecutionProvider, {speed['cpu_cores']} CPU cores): "
         f"{speed['latency_ms_median']} ms per image (median; p95 {speed['latency_ms_p95']} ms), "
         f"{speed['images_per_second']} images/s at batch {speed['batch_size']}; preprocessing not included.",
+        "",
+    ]
+
+
+def _quantization_section(metrics: dict[str, Any]) -> list[str]:
+    quantization = metrics["quantization"]
+    header = ["## Quantized int8 model", ""]
+    if not quantization["enabled"]:
+        return [*header, "Not produced (export.quantization.enabled is false): the service serves fp32.", ""]
+    fp32, int8, speed = quantization["fp32"], quantization["int8"], quantization["onnxruntime"]
+    verdict = (
+        "**Approved**: the service may serve it (MODEL_PRECISION=int8, or auto, which prefers it)."
+        if quantization["approved"]
+        else "**Not approved**: it lost more test accuracy than allowed; the service serves fp32 "
+        "(MODEL_PRECISION=auto) and refuses MODEL_PRECISION=int8."
+    )
+    rows = [
+        ("accuracy", _number(fp32["accuracy"]), _number(int8["accuracy"])),
+        ("log_loss", _number(fp32["log_loss"]), _number(int8["log_loss"])),
+        ("images/s", metrics["onnxruntime"]["images_per_second"], speed["images_per_second"]),
+        ("latency ms (median)", metrics["onnxruntime"]["latency_ms_median"], speed["latency_ms_median"]),
+        ("size MB", metrics["onnx_size_mb"], quantization["int8_size_mb"]),
+    ]
+    return [
+        *header,
+        f"models/model.int8.onnx: onnxruntime static quantization ({quantization['format']}, "
+        f"{quantization['weight_type']} weights{' per channel' if quantization['per_channel'] else ''}, "
+        f"{quantization['activation_type']} activations calibrated ({quantization['calibration_method']}) on "
+        f"{quantization['calibration_images']} training images; the classifier head stays float32). Same "
+        "input and outputs as the fp32 model.",
+        "",
+        *_table(("ONNX, test split", "fp32", "int8"), rows),
+        "",
+        f"- Accuracy drop: {quantization['accuracy_drop_points']:.2f} points on "
+        f"{quantization['test_images']} test images (allowed: {quantization['max_accuracy_drop']:g}); "
+        f"max |P_int8 - P_fp32| = {quantization['max_abs_prob_diff']:.3g}; speed-up "
+        f"x{quantization['speedup']} at batch {speed['batch_size']}.",
+        f"- {verdict}",
         "",
     ]
 
@@ -379,6 +572,7 @@ def model_card(project: Project, exported: dict[str, Any], metrics: dict[str, An
         *_training_section(project),
         *_evaluation_sections(project),
         *_runtime_section(metrics),
+        *_quantization_section(metrics),
         *USE_AND_LIMITS,
         "## Lineage",
         "",
