@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import tempfile
 import time
@@ -72,8 +73,18 @@ def is_mlflow_uri(uri: str) -> bool:
     return uri.startswith(MLFLOW_SCHEMES)
 
 
+def alias_version(uri: str) -> str | None:
+    """The registry version a models:/name@alias URI points to now; None for any other URI."""
+    match = REGISTERED.match(uri)
+    if not match or not match["alias"]:
+        return None
+    registry = _registry_version(uri)
+    return registry["version"] if registry else None
+
+
 def _download(uri: str, cache_dir: str) -> Path:
     """An MLflow model's files in a local folder (the tracking server from $MLFLOW_TRACKING_URI)."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         from mlflow.artifacts import download_artifacts
     except ImportError as exc:

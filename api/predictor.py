@@ -55,6 +55,8 @@ class Predictor:
         self.status = "starting: the model is loading"
         self._lock = asyncio.Lock()
         self._loading: asyncio.Task[None] | None = None
+        self._watching: asyncio.Task[None] | None = None
+        self._broken_version: str | None = None
 
     @property
     def ready(self) -> bool:
@@ -63,12 +65,47 @@ class Predictor:
     async def start(self) -> None:
         """Start the batcher and load MODEL_URI in the background (the process answers /health at once)."""
         self.batcher.start()
-        self._loading = asyncio.get_running_loop().create_task(self._load_configured(), name="model-load")
+        loop = asyncio.get_running_loop()
+        self._loading = loop.create_task(self._load_configured(), name="model-load")
+        if self.settings.model_poll_seconds > 0:
+            self._watching = loop.create_task(self._watch_alias(), name="alias-watch")
 
     async def stop(self) -> None:
-        if self._loading is not None and not self._loading.done():
-            self._loading.cancel()
+        for task in (self._loading, self._watching):
+            if task is not None and not task.done():
+                task.cancel()
         await self.batcher.stop()
+
+    async def _watch_alias(self) -> None:
+        """Follow a models:/name@alias URI: when the alias moves, load the new version and swap it in; a
+        version that fails to load or warm up is skipped (the working model keeps serving) until it moves."""
+        while True:
+            await asyncio.sleep(self.settings.model_poll_seconds)
+            await self.check_alias()
+
+    async def check_alias(self) -> None:
+        """One poll of the served alias (a no-op for other URIs)."""
+        bundle = self.bundle
+        uri = bundle.uri if bundle is not None else self.settings.model_uri
+        try:
+            version = await asyncio.to_thread(model_loader.alias_version, uri)
+        except ModelLoadError as exc:
+            log.warning("cannot resolve %s: %s", uri, exc)
+            return
+        if (
+            version is None
+            or (bundle is not None and bundle.version == version)
+            or version == self._broken_version
+        ):
+            return
+        log.info("alias moved", extra={"uri": uri, "model_version": version})
+        try:
+            await self.reload(uri, self.settings.model_precision)
+        except ModelLoadError as exc:
+            self._broken_version = version
+            log.error(
+                "version %s of %s not swapped in, still serving the current model: %s", version, uri, exc
+            )
 
     async def _load_configured(self) -> None:
         try:

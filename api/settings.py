@@ -28,6 +28,11 @@ class Settings(BaseSettings):
         description="fp32, int8 (the statically quantized model; refused unless the export approved it) or "
         "auto (int8 when present and approved, else fp32).",
     )
+    model_poll_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        description="For models:/name@alias URIs: how often to check whether the alias moved (0 = never).",
+    )
     model_cache_dir: str = Field(
         default="", description="Where MLflow models are downloaded; empty = a temp dir."
     )

@@ -95,6 +95,68 @@ def export(root: Path | None = RootOption) -> None:
 
 
 @app.command()
+def register(root: Path | None = RootOption) -> None:
+    """Register the exported model as a new version of the registered model (alias challenger)."""
+    from catdog.config import Project
+    from catdog.registry.promotion import register as register_model
+
+    register_model(Project(root))
+
+
+@app.command()
+def promote(
+    root: Path | None = RootOption,
+    version: str | None = typer.Option(None, help="A registered version (default: @challenger)."),
+) -> None:
+    """Run the promotion gates on the challenger; all pass -> it becomes @champion (exit 1 otherwise)."""
+    from catdog.config import Project
+    from catdog.registry.promotion import promote as promote_model
+
+    promote_model(Project(root), version)
+
+
+@app.command()
+def rollback(
+    root: Path | None = RootOption,
+    to: str | None = typer.Option(None, "--to", help="The version to roll back to (default: @previous)."),
+    reason: str = typer.Option("manual rollback", help="Why, for the audit log."),
+) -> None:
+    """Point @champion back at @previous (or --to VERSION); the serving service follows."""
+    from catdog.config import Project
+    from catdog.registry.promotion import rollback as rollback_model
+
+    rollback_model(Project(root), to, reason)
+
+
+@app.command()
+def audit(
+    root: Path | None = RootOption,
+    at: str | None = typer.Option(None, help="An ISO date/time: which version was @champion then."),
+    as_json: bool = typer.Option(False, "--json", help="Print the log as JSON."),
+) -> None:
+    """The audit log of every alias move (register, promote, rollback), oldest first."""
+    from datetime import UTC, datetime
+
+    from catdog.config import Project
+    from catdog.registry import audit as audit_log
+    from catdog.registry.promotion import open_registry
+
+    project = Project(root)
+    registry = open_registry(project)
+    rows = audit_log.history(project, registry)
+    if at is not None:
+        try:
+            moment = datetime.fromisoformat(at)
+        except ValueError as exc:
+            raise CatdogError(f"--at {at!r} is not an ISO date/time (e.g. 2026-11-17T15:00)") from exc
+        moment = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+        version = audit_log.champion_at(rows, moment)
+        print(f"{registry.name} @champion at {moment.isoformat()}: {version or 'none'}")
+        return
+    print(audit_log.as_json(rows) if as_json else audit_log.format_rows(rows))
+
+
+@app.command()
 def summary(root: Path | None = RootOption) -> None:
     """Print where the model, the metrics and the MLflow run of the latest pipeline run are."""
     from catdog.config import Project

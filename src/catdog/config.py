@@ -165,6 +165,27 @@ class ExportParams(_Section):
     quantization: QuantizationParams = QuantizationParams()
 
 
+class GateParams(_Section):
+    """The promotion gates a challenger must pass to become champion (all are checked and recorded)."""
+
+    min_accuracy: float = Field(default=0.97, ge=0, le=1)
+    min_f1: float = Field(default=0.97, ge=0, le=1)
+    max_log_loss: float = Field(default=0.15, gt=0)
+    max_accuracy_drop: float = Field(default=0.005, ge=0)
+    max_log_loss_increase: float = Field(default=0.02, ge=0)
+    max_latency_ms_p95: float = Field(default=50.0, gt=0)
+    latency_runs: int = Field(default=50, ge=5)
+    smoke_images_per_class: int = Field(default=4, ge=1)
+    smoke_min_confidence: float = Field(default=0.9, ge=0.5, le=1)
+    smoke_timeout_seconds: float = Field(default=120.0, gt=0)
+
+
+class RegistryParams(_Section):
+    model_name: str = Field(default="catdog", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    audit_experiment: str = "catdog-registry-audit"
+    gates: GateParams = GateParams()
+
+
 class Params(BaseModel):
     """The whole of params.yaml, validated. Later stages add their own sections."""
 
@@ -179,6 +200,7 @@ class Params(BaseModel):
     evaluate: EvaluateParams = EvaluateParams()
     tracking: TrackingParams = TrackingParams()
     export: ExportParams = ExportParams()
+    registry: RegistryParams = RegistryParams()
 
 
 @dataclass(frozen=True)
@@ -226,6 +248,15 @@ class Paths:
     @property
     def reports(self) -> Path:
         return self.root / "reports"
+
+    @property
+    def registry_info(self) -> Path:
+        """The version the register stage created (name, version, model URI, run)."""
+        return self.models / "registry.json"
+
+    @property
+    def promotion_report(self) -> Path:
+        return self.reports / "promotion.json"
 
     @property
     def validation_report(self) -> Path:

@@ -42,8 +42,10 @@ def flatten(tree: Mapping[str, Any], prefix: str = "", sep: str = ".") -> dict[s
     return flat
 
 
-def _experiment_id(mlflow: Any, project: Project) -> str:
-    name = project.params.tracking.experiment
+def experiment_id(mlflow: Any, project: Project, name: str | None = None) -> str:
+    """The id of experiment `name` (default: tracking.experiment), created on first use; a local store keeps
+    its artifacts in the project's mlruns/."""
+    name = name or project.params.tracking.experiment
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
@@ -63,7 +65,7 @@ def lineage_tags(project: Project) -> dict[str, str]:
 
 
 @contextmanager
-def _store(uri: str) -> Iterator[Any]:
+def store(uri: str) -> Iterator[Any]:
     """MLflow pointed at `uri` for the block; the environment is restored (set_tracking_uri exports it)."""
     import mlflow
 
@@ -78,26 +80,26 @@ def _store(uri: str) -> Iterator[Any]:
 @contextmanager
 def start_pipeline_run(project: Project) -> Iterator[Any]:
     """A new MLflow run for this pipeline run, with all parameters and lineage tags; its id is saved."""
-    with _store(tracking_uri(project)) as mlflow, _new_run(mlflow, project) as run:
+    with store(tracking_uri(project)) as mlflow, _new_run(mlflow, project) as run:
         yield run
 
 
 @contextmanager
 def _new_run(mlflow: Any, project: Project) -> Iterator[Any]:
-    experiment_id = _experiment_id(mlflow, project)
+    experiment = experiment_id(mlflow, project)
     params = project.params.model_dump(by_alias=True, mode="json")
-    with mlflow.start_run(experiment_id=experiment_id, tags=lineage_tags(project)) as run:
+    with mlflow.start_run(experiment_id=experiment, tags=lineage_tags(project)) as run:
         mlflow.log_params(
             {k: json.dumps(v) if isinstance(v, list) else v for k, v in flatten(params).items()}
         )
         info = {
             "run_id": run.info.run_id,
-            "experiment_id": experiment_id,
+            "experiment_id": experiment,
             "tracking_uri": tracking_uri(project),
         }
         project.paths.run_info.parent.mkdir(parents=True, exist_ok=True)
         project.paths.run_info.write_text(json.dumps(info, indent=2) + "\n")
-        log.info("MLflow run %s in experiment %s (%s)", run.info.run_id, experiment_id, info["tracking_uri"])
+        log.info("MLflow run %s in experiment %s (%s)", run.info.run_id, experiment, info["tracking_uri"])
         yield run
 
 
@@ -108,7 +110,7 @@ def resume_pipeline_run(project: Project) -> Iterator[Any]:
         info = json.loads(project.paths.run_info.read_text())
     except FileNotFoundError as exc:
         raise CatdogError(f"{project.paths.run_info} not found; run the train stage first") from exc
-    with _store(info["tracking_uri"]) as mlflow, mlflow.start_run(run_id=info["run_id"]) as run:
+    with store(info["tracking_uri"]) as mlflow, mlflow.start_run(run_id=info["run_id"]) as run:
         yield run
 
 
