@@ -151,9 +151,66 @@ def trained_project(tiny_processed: Path, tmp_path_factory: pytest.TempPathFacto
     return root
 
 
+def copy_project(source: Path, target: Path) -> Path:
+    """A copy of a project whose pipeline run points at the copy's own MLflow database (models/mlflow_run.json
+    names the store by absolute path), so later stages in the copy never write to the original's."""
+    import json
+    import shutil
+
+    root = Path(shutil.copytree(source, target, symlinks=True))
+    run_info = root / "models" / "mlflow_run.json"
+    if run_info.is_file():
+        info = json.loads(run_info.read_text())
+        if info["tracking_uri"].startswith("sqlite:///"):
+            info["tracking_uri"] = f"sqlite:///{root / 'mlflow.db'}"
+            run_info.write_text(json.dumps(info, indent=2) + "\n")
+    return root
+
+
 @pytest.fixture
 def trained_copy(trained_project: Path, tmp_path: Path) -> Path:
     """A private copy of `trained_project` for a test that runs later stages in it."""
-    import shutil
+    return copy_project(trained_project, tmp_path / "project")
 
-    return Path(shutil.copytree(trained_project, tmp_path / "project", symlinks=True))
+
+@pytest.fixture(scope="session")
+def served_project(trained_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A project whose evaluate and export stages ran on the tiny real lite0 training run: models/ holds
+    model.onnx (test metrics in its metadata), model.int8.onnx and the model card, and
+    reports/evaluate/predictions.csv the evaluation stage's probabilities; shared, so never modified."""
+    pytest.importorskip("onnxscript")
+    import yaml
+
+    from catdog.stages import evaluate, export
+
+    root = copy_project(trained_project, tmp_path_factory.mktemp("served") / "project")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["evaluate"].update(min_accuracy=0.0, min_f1=0.0, max_log_loss=100.0, worst_examples=2)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    evaluate.run(root)
+    export.run(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def exported_model(served_project: Path) -> Path:
+    """The served project's models/ folder."""
+    return served_project / "models"
+
+
+@pytest.fixture(scope="session")
+def server_factory(tmp_path_factory: pytest.TempPathFactory):
+    """Start prediction services (stopped when the session ends): factory(model_uri, wait_ready, **env)."""
+    from service_process import start_server, stop_server
+
+    started = []
+
+    def make(model_uri, wait_ready: bool = True, **env: str):
+        log = tmp_path_factory.mktemp("server") / "server.log"
+        server = start_server(model_uri, log, wait_ready=wait_ready, **env)
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        stop_server(server)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import odd_images
 import pytest
-from conftest import ADMIN_KEY
+from service_process import ADMIN_KEY
 
 pytestmark = pytest.mark.slow
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 import odd_images
 import pytest
-from conftest import REPO_ROOT
 from prometheus_client.parser import text_string_to_metric_families
+from service_process import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 

@@ -4,12 +4,29 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from catdog.errors import CatdogError
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Version:
+    """A registered model version as the registry code uses it (the version number as a string)."""
+
+    version: str
+    run_id: str | None
+    tags: dict[str, str]
+    aliases: tuple[str, ...]
+
+    @classmethod
+    def of(cls, found: Any) -> Version:
+        return cls(
+            str(found.version), found.run_id or None, dict(found.tags or {}), tuple(found.aliases or ())
+        )
 
 
 class Registry:
@@ -40,25 +57,30 @@ class Registry:
                 description="Cats-vs-Dogs classifier (ONNX); aliases challenger / champion / previous.",
             )
 
-    def register(self, model_uri: str, run_id: str | None, tags: dict[str, str]) -> Any:
-        """A new version of the model logged at `model_uri`."""
-        self.ensure_model()
-        return self.client.create_model_version(self.name, source=model_uri, run_id=run_id, tags=tags)
+    def register(self, model_uri: str, run_id: str | None, tags: dict[str, str]) -> Version:
+        """A new version of the model logged at `model_uri` (MLflow resolves a models:/m-<id> source in the
+        global store, so it is pointed at this one for the call)."""
+        from catdog.tracking import store
 
-    def version(self, version: str) -> Any:
+        self.ensure_model()
+        with store(self.tracking_uri):
+            created = self.client.create_model_version(self.name, source=model_uri, run_id=run_id, tags=tags)
+        return Version.of(created)
+
+    def version(self, version: str) -> Version:
         from mlflow.exceptions import MlflowException
 
         try:
-            return self.client.get_model_version(self.name, str(version))
+            return Version.of(self.client.get_model_version(self.name, str(version)))
         except MlflowException as exc:
             raise CatdogError(f"{self.name} has no version {version}") from exc
 
-    def by_alias(self, alias: str) -> Any | None:
+    def by_alias(self, alias: str) -> Version | None:
         """The version an alias points to, or None."""
         from mlflow.exceptions import MlflowException
 
         try:
-            return self.client.get_model_version_by_alias(self.name, alias)
+            return Version.of(self.client.get_model_version_by_alias(self.name, alias))
         except MlflowException:
             return None
 
@@ -67,7 +89,10 @@ class Registry:
         from mlflow.exceptions import MlflowException
 
         try:
-            return dict(self.client.get_registered_model(self.name).aliases)
+            return {
+                alias: str(version)
+                for alias, version in self.client.get_registered_model(self.name).aliases.items()
+            }
         except MlflowException:
             return {}
 
@@ -82,15 +107,14 @@ class Registry:
         """The version's model folder (model.onnx, extra_files/...) downloaded under `target`."""
         from mlflow.artifacts import download_artifacts
 
+        from catdog.tracking import store
+
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         target.mkdir(parents=True, exist_ok=True)
-        return Path(
-            download_artifacts(
-                artifact_uri=self.uri(version), dst_path=str(target), tracking_uri=self.tracking_uri
-            )
-        )
+        with store(self.tracking_uri):
+            return Path(download_artifacts(artifact_uri=self.uri(version), dst_path=str(target)))
 
-    def log_json(self, version: Any, data: dict[str, Any], artifact_file: str) -> None:
+    def log_json(self, version: Version, data: dict[str, Any], artifact_file: str) -> None:
         """A JSON artifact on the version's run (the gate results live next to the model they judged)."""
         if version.run_id:
             self.client.log_dict(version.run_id, data, artifact_file)
