@@ -23,7 +23,15 @@ ifeq ($(origin DATA_SOURCE),undefined)
 endif
 export DATA_SOURCE
 
-.PHONY: help install browser run serve test lint format mlflow-ui
+# The service `make serve` / `make run` start: the registry's champion from the local MLflow store, unless set.
+PORT ?= 8000
+export PORT
+SERVE_MODEL_URI ?= models:/catdog@champion
+STOP_SERVICE = if [ -f .serve.pid ]; then kill $$(cat .serve.pid) 2>/dev/null || true; rm -f .serve.pid; fi
+SERVE_ENV = MODEL_URI="$${MODEL_URI:-$(SERVE_MODEL_URI)}" \
+	MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}"
+
+.PHONY: help install browser run promote rollback audit serve serve-bg stop test lint format mlflow-ui
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -41,13 +49,34 @@ install: $(UV) ## Create .venv from uv.lock (idempotent)
 	@$(UV) sync --frozen --all-extras --quiet
 	@echo "venv ready: $(VENV) ($$($(BIN)/python --version))"
 
-run: install ## Run the pipeline (dvc repro) on DATA_SOURCE or params.yaml's source
+run: install ## Pipeline (dvc repro, registers @challenger) -> promote to @champion -> service on :8000
 	@echo "data source: $${DATA_SOURCE:-params.yaml data.source}"
-	@start=$$(date +%s); dvc repro && python -m catdog summary && \
+	@start=$$(date +%s); dvc repro && python -m catdog promote && python -m catdog summary && \
 		echo "pipeline finished in $$(( $$(date +%s) - start ))s"
+	@$(MAKE) --no-print-directory -f $(firstword $(MAKEFILE_LIST)) serve-bg
 
-serve: install ## Start the prediction service on port PORT (8000); MODEL_URI defaults to models/model.onnx
-	$(BIN)/python -m api
+promote: install ## Gate @challenger (metrics, no regression, schema, latency, staging smoke) into @champion
+	python -m catdog promote
+
+rollback: install ## Point @champion back at @previous (a serving service follows)
+	python -m catdog rollback
+
+audit: install ## Every alias move of the registered model, oldest first
+	python -m catdog audit
+
+serve: install ## The prediction service in the foreground on PORT (8000), serving MODEL_URI (default @champion)
+	$(SERVE_ENV) $(BIN)/python -m api
+
+serve-bg: install ## The service in the background (log reports/serve.log, pid .serve.pid); waits until ready
+	@$(STOP_SERVICE)
+	@mkdir -p reports
+	@$(SERVE_ENV) nohup $(BIN)/python -m api > reports/serve.log 2>&1 & echo $$! > .serve.pid
+	@$(BIN)/python -c "import sys; from catdog.smoke import wait_ready; ok, why = wait_ready('http://127.0.0.1:$(PORT)', 120); \
+		print(f'service ready on http://localhost:$(PORT) ({why}); make stop ends it' if ok else f'service not ready: {why} (see reports/serve.log)'); \
+		sys.exit(0 if ok else 1)"
+
+stop: ## Stop the background service
+	@$(STOP_SERVICE)
 
 mlflow-ui: install ## Browse the local MLflow store (runs, metrics, artifacts, models) on port 5000
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000
