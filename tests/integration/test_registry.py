@@ -287,3 +287,34 @@ def test_a_service_on_champion_follows_promotion_and_rollback(project: Project, 
     assert {status for status, _ in seen} == {200}
     versions = [version for _, version in seen]
     assert versions[0] == "1" and versions[-1] == "1" and "2" in versions
+
+
+def test_a_broken_champion_never_replaces_a_working_model(
+    project: Project, server_factory, tmp_path: Path
+) -> None:
+    register(project)
+    promote(project)
+    server = server_factory(
+        "models:/catdog@champion",
+        MLFLOW_TRACKING_URI=tracking.tracking_uri(project),
+        MODEL_POLL_SECONDS="0.2",
+    )
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model.onnx").write_bytes(b"not a model at all")
+    registry = open_registry(project)
+    with tracking.store(registry.tracking_uri) as mlflow, mlflow.start_run():
+        mlflow.log_artifacts(str(broken), "broken_model")
+        source = mlflow.get_artifact_uri("broken_model")
+    bad = registry.register(source, None, {"note": "forced past the gates"})
+    registry.set_alias(CHAMPION, bad.version)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and "not swapped in" not in server.log.read_text():
+        time.sleep(0.2)
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        image = next((project.paths.processed / "test" / "dog").glob("*.jpg")).read_bytes()
+        answer = client.post("/predict", files={"file": ("a.jpg", image, "image/jpeg")})
+        ready = client.get("/ready")
+    assert answer.status_code == 200 and answer.json()["model"]["version"] == "1"
+    assert ready.status_code == 200
+    assert f"version {bad.version}" in server.log.read_text()
