@@ -102,11 +102,11 @@ class MicroBatcher:
                 await self._run_group(model, group)
 
     async def _run_group(self, model: Any, group: list[_Item]) -> None:
-        batch = np.stack([item.image for item in group])
+        images = [item.image for item in group]
         started = time.perf_counter()
         try:
             probabilities = await asyncio.get_running_loop().run_in_executor(
-                self._executor, model.predict, batch
+                self._executor, _predict, model, images
             )
         except Exception as exc:
             log.error("inference failed on a batch of %d: %s", len(group), exc)
@@ -119,3 +119,8 @@ class MicroBatcher:
         for item, row in zip(group, probabilities, strict=True):
             if not item.future.done():
                 item.future.set_result(row)
+
+
+def _predict(model: Any, images: list[np.ndarray]) -> np.ndarray:
+    """Stack and run one batch on the inference thread, so the copy never holds up the event loop."""
+    return model.predict(np.stack(images))

@@ -41,7 +41,12 @@ class Settings(BaseSettings):
         default=40_000_000, gt=0, description="Images with more pixels are refused before decoding."
     )
     max_batch_files: int = Field(default=32, ge=1, description="Most files in one /predict/batch request.")
-    batch_max_size: int = Field(default=16, ge=1, description="Most images the model runs in one batch.")
+    batch_max_size: int = Field(
+        default=4,
+        ge=1,
+        description="Most images the model runs in one batch (small on CPU: bigger batches barely add "
+        "throughput but grow onnxruntime's memory arena and the bursts of answers; benchmarks/README.md).",
+    )
     batch_max_wait_ms: float = Field(
         default=2.0, ge=0, description="How long a batch waits for more requests once one has arrived."
     )
