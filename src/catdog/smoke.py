@@ -140,8 +140,7 @@ def run(
         "metrics",
         sane,
         f"{counted:g} predictions counted for {right} right answers, ready={ready_gauge:g}, "
-        f"model version {served}"
-        + (f" (expected {expect_version})" if expect_version is not None else ""),
+        f"model version {served}" + (f" (expected {expect_version})" if expect_version is not None else ""),
     )
     return result
 
