@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import logging
 import time
 from dataclasses import dataclass
 
 import numpy as np
+from anyio import CapacityLimiter, to_thread
 from PIL import Image
-from starlette.concurrency import run_in_threadpool
 
 from api import model_loader
 from api.batching import MicroBatcher, QueueFull
@@ -57,6 +58,15 @@ class Predictor:
         self._loading: asyncio.Task[None] | None = None
         self._watching: asyncio.Task[None] | None = None
         self._broken_version: str | None = None
+        self._decoders: CapacityLimiter | None = None
+
+    async def _decode(self, data: bytes, bundle: ModelBundle) -> np.ndarray:
+        """The shared preprocessing in a worker thread; at most one decode per core at a time (more only
+        add memory and steal the cores from inference)."""
+        if self._decoders is None:
+            self._decoders = CapacityLimiter(self.settings.threads)
+        work = functools.partial(preprocess, data, bundle.config, max_pixels=self.settings.max_image_pixels)
+        return await to_thread.run_sync(work, limiter=self._decoders)
 
     @property
     def ready(self) -> bool:
@@ -154,7 +164,7 @@ class Predictor:
 
     async def _warm_up(self, bundle: ModelBundle) -> None:
         """One real prediction (decode included) and one full batch; fails on a wrong output."""
-        image = await run_in_threadpool(preprocess, warmup_image(), bundle.config)
+        image = await self._decode(warmup_image(), bundle)
         for size in sorted({1, self.settings.batch_max_size}):
             batch = np.repeat(image[None], size, axis=0)
             out = await self.batcher.run_in_thread(bundle.predict, batch)
@@ -173,9 +183,7 @@ class Predictor:
     async def preprocess(self, data: bytes, bundle: ModelBundle) -> np.ndarray:
         """Decode and preprocess off the event loop with the shared module; bad images become ApiErrors."""
         try:
-            return await run_in_threadpool(
-                preprocess, data, bundle.config, max_pixels=self.settings.max_image_pixels
-            )
+            return await self._decode(data, bundle)
         except ImageDecodeError as exc:
             error = decode_error(exc)
         except (MemoryError, Image.DecompressionBombError) as exc:
