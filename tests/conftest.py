@@ -58,7 +58,8 @@ def sample_images_dir() -> Path:
 def project_factory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., Path]:
     """Make throwaway project roots: this repo's params.yaml with a given `data` section.
 
-    Call it as `project_factory(source, sha256=None, max_per_class=None, name="project", **sections)`;
+    Call it as `project_factory(source, sha256=None, max_per_class=None, download=None, name="project",
+    **sections)`;
     extra keyword arguments replace top-level params (e.g. `seed=7`). $DATA_SOURCE is unset for the test.
     """
     monkeypatch.delenv("DATA_SOURCE", raising=False)
@@ -68,6 +69,7 @@ def project_factory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable
         *,
         sha256: str | None = None,
         max_per_class: int | None = None,
+        download: dict[str, Any] | None = None,
         name: str = "project",
         **sections: Any,
     ) -> Path:
@@ -75,6 +77,8 @@ def project_factory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable
         root.mkdir(parents=True, exist_ok=True)
         params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
         params["data"] = {"source": str(source), "sha256": sha256, "max_per_class": max_per_class}
+        if download is not None:
+            params["data"]["download"] = download
         params.update(sections)
         (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         return root

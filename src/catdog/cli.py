@@ -108,7 +108,7 @@ def promote(
     root: Path | None = RootOption,
     version: str | None = typer.Option(None, help="A registered version (default: @challenger)."),
 ) -> None:
-    """Run the promotion gates on the challenger; all pass -> it becomes @champion (exit 1 otherwise)."""
+    """Run the promotion gates on the challenger; all pass -> it becomes @champion (exit 3 otherwise)."""
     from catdog.config import Project
     from catdog.registry.promotion import promote as promote_model
 
@@ -166,12 +166,12 @@ def summary(root: Path | None = RootOption) -> None:
 
 
 def main() -> None:
-    """Run the CLI; a CatdogError becomes one clear message and exit status 1, without a traceback."""
+    """Run the CLI; a CatdogError becomes one clear message and its exit status (catdog.errors)."""
     try:
         app()
     except CatdogError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(exc.exit_code)
 
 
 if __name__ == "__main__":

@@ -25,10 +25,16 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class DownloadParams(_Section):
+    attempts: int = Field(default=4, ge=1)
+    backoff_seconds: float = Field(default=2.0, ge=0)
+
+
 class DataParams(_Section):
     source: str
     sha256: str | None = None
     max_per_class: int | None = Field(default=None, gt=0)
+    download: DownloadParams = DownloadParams()
 
 
 class ValidateParams(_Section):
@@ -186,6 +192,43 @@ class RegistryParams(_Section):
     gates: GateParams = GateParams()
 
 
+class StageRunParams(_Section):
+    retries: int | None = Field(default=None, ge=0)
+    timeout_minutes: float | None = Field(default=None, gt=0)
+
+
+class AlertParams(_Section):
+    on_success: bool = True
+    timeout_seconds: float = Field(default=10.0, gt=0)
+
+
+class ScheduleParams(_Section):
+    retrain_cron: str = "0 3 * * 1"
+    timezone: str = "UTC"
+    data_check_minutes: float = Field(default=60.0, gt=0)
+
+
+class OrchestrationParams(_Section):
+    retries: int = Field(default=2, ge=0)
+    retry_delay_seconds: list[float] = Field(default=[10.0, 60.0, 300.0], min_length=1)
+    retry_jitter_factor: float = Field(default=0.2, ge=0)
+    timeout_minutes: float = Field(default=60.0, gt=0)
+    stages: dict[str, StageRunParams] = {}
+    alerts: AlertParams = AlertParams()
+    schedule: ScheduleParams = ScheduleParams()
+
+    def retries_of(self, stage: str) -> int:
+        """Retries of one stage's task: its own setting, else the default."""
+        own = self.stages.get(stage)
+        return self.retries if own is None or own.retries is None else own.retries
+
+    def timeout_seconds_of(self, stage: str) -> float:
+        """Wall-clock limit of one stage's task in seconds: its own setting, else the default."""
+        own = self.stages.get(stage)
+        minutes = self.timeout_minutes if own is None or own.timeout_minutes is None else own.timeout_minutes
+        return minutes * 60.0
+
+
 class Params(BaseModel):
     """The whole of params.yaml, validated. Later stages add their own sections."""
 
@@ -201,6 +244,7 @@ class Params(BaseModel):
     tracking: TrackingParams = TrackingParams()
     export: ExportParams = ExportParams()
     registry: RegistryParams = RegistryParams()
+    orchestration: OrchestrationParams = OrchestrationParams()
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,17 @@
 
 from pathlib import Path
 
+# Exit statuses of `python -m catdog`; the Prefect flow retries a failed stage unless PERMANENT or GATE.
+EXIT_FAILED = 1  # an unexpected error (a traceback): may be transient
+EXIT_PERMANENT = 2  # CatdogError: config, input or state that retrying will not fix (and usage errors)
+EXIT_GATE = 3  # QualityGateError: data or a model crossed a threshold
+EXIT_TRANSIENT = 75  # TransientError (EX_TEMPFAIL): worth retrying later, e.g. a dropped download
+
 
 class CatdogError(Exception):
     """A failure explained in one clear message (the CLI prints it without a traceback)."""
+
+    exit_code = EXIT_PERMANENT
 
 
 class ConfigError(CatdogError):
@@ -15,8 +23,16 @@ class DataSourceError(CatdogError):
     """The data source cannot be read, downloaded or verified."""
 
 
+class TransientError(DataSourceError):
+    """A failure that may go away on its own: a network error that outlasted the stage's own retries."""
+
+    exit_code = EXIT_TRANSIENT
+
+
 class QualityGateError(CatdogError):
     """Data or a model crossed a threshold configured in params.yaml."""
+
+    exit_code = EXIT_GATE
 
 
 def raise_failed_gates(gates: dict[str, dict], what: str, report: Path) -> None:

@@ -22,6 +22,17 @@ def data_version(dvc_lock: Path, out: str = PROCESSED_OUT) -> str | None:
     return None
 
 
+def dependency_md5(dvc_lock: Path, stage: str, dep: str) -> str | None:
+    """The md5 dvc.lock records for dependency `dep` of `stage` (what its last run consumed), if any."""
+    if not dvc_lock.is_file():
+        return None
+    lock = yaml.safe_load(dvc_lock.read_text()) or {}
+    for entry in ((lock.get("stages") or {}).get(stage) or {}).get("deps") or []:
+        if entry.get("path") == dep:
+            return entry.get("md5")
+    return None
+
+
 def git_state(root: Path) -> dict[str, str | bool | None]:
     """The current commit and whether the working tree has uncommitted changes."""
 

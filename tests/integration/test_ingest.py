@@ -23,7 +23,7 @@ from urllib.parse import unquote
 
 import pytest
 
-from catdog.errors import DataSourceError
+from catdog.errors import EXIT_PERMANENT, DataSourceError, TransientError
 from catdog.stages import ingest, source
 
 ZIP_NAME = "kagglecatsanddogs_5340.zip"
@@ -130,9 +130,14 @@ def server(tmp_path: Path, pet_zip: PetZip) -> Iterator[FileServer]:
     thread.join(5)
 
 
-@pytest.fixture(autouse=True)
-def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ingest, "RETRY_BACKOFF_S", 0.0)
+@pytest.fixture
+def project_factory(project_factory):
+    """The shared factory with no delay between download attempts (params.yaml data.download)."""
+
+    def make(source, *, download=None, **kwargs):
+        return project_factory(source, download={"backoff_seconds": 0.0, **(download or {})}, **kwargs)
+
+    return make
 
 
 @dataclass
@@ -261,11 +266,10 @@ def test_a_stalled_server_times_out_and_is_retried(server, pet_zip, project_fact
     assert raw_files(root) == pet_zip.files
 
 
-def test_unreachable_url_fails_with_one_clear_message(project_factory, monkeypatch):
-    monkeypatch.setattr(ingest, "MAX_FAILED_ATTEMPTS", 2)
+def test_unreachable_url_fails_with_one_clear_message(project_factory):
     url = f"http://127.0.0.1:{closed_port()}/{ZIP_NAME}"
-    root = project_factory(url)
-    with pytest.raises(DataSourceError) as err:
+    root = project_factory(url, download={"attempts": 2})
+    with pytest.raises(TransientError) as err:
         acquire(root)
     assert str(err.value) == f"cannot download {url}: Connection refused"
     assert leftovers(root) == []
@@ -403,11 +407,11 @@ def test_cli_reports_a_missing_source_in_one_line(tmp_path, sample_images_dir, p
 
     cli = [sys.executable, "-m", "catdog"]
     done = subprocess.run([*cli, "ingest", "--root", str(root)], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 1
+    assert done.returncode == EXIT_PERMANENT, "a missing source is not worth retrying"
     assert done.stderr.startswith("error: ") and str(folder.images / "Cat") in done.stderr
     assert "Traceback" not in done.stderr
     assert not (root / "data" / "raw").exists()
 
     done = subprocess.run([*cli, "source", "--root", str(root)], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 1
+    assert done.returncode == EXIT_PERMANENT
     assert done.stderr == f"error: {folder.path}: data source not found (no such file or folder)\n"

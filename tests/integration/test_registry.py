@@ -18,7 +18,7 @@ from conftest import copy_project
 
 from catdog import tracking
 from catdog.config import Project
-from catdog.errors import CatdogError, QualityGateError
+from catdog.errors import EXIT_PERMANENT, CatdogError, QualityGateError
 from catdog.registry import CHALLENGER, CHAMPION, PREVIOUS, audit
 from catdog.registry.promotion import open_registry, promote, register, rollback
 
@@ -232,7 +232,9 @@ def cli(project: Project, *args: str) -> subprocess.CompletedProcess:
 def test_cli_exit_codes_and_audit_output(project: Project) -> None:
     nothing = cli(project, "promote")
     assert (
-        nothing.returncode == 1 and "no @challenger" in nothing.stderr and "Traceback" not in nothing.stderr
+        nothing.returncode == EXIT_PERMANENT
+        and "no @challenger" in nothing.stderr
+        and "Traceback" not in nothing.stderr
     )
     register(project)
     promote(project)

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from catdog.config import ValidateParams
-from catdog.errors import QualityGateError
+from catdog.errors import EXIT_GATE, QualityGateError
 from catdog.stages import validate
 
 PARAMS = ValidateParams(min_side=32, max_pixels=50_000_000, near_duplicate_distance=4)
@@ -138,7 +138,7 @@ def test_stage_fails_when_unusable_fraction_crosses_the_threshold(tmp_path, plan
     done = subprocess.run(
         [sys.executable, "-m", "catdog", "validate", "--root", str(root)], capture_output=True, text=True
     )
-    assert done.returncode == 1
+    assert done.returncode == EXIT_GATE
     assert "error: data validation failed: max_unusable_fraction" in done.stderr
     assert "Traceback" not in done.stderr
 

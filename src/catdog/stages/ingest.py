@@ -29,16 +29,14 @@ from urllib.parse import unquote, urlparse
 import requests
 from tqdm import tqdm
 
-from catdog.config import Project
-from catdog.errors import DataSourceError
+from catdog.config import DownloadParams, Project
+from catdog.errors import DataSourceError, TransientError
 from catdog.stages.source import CLASS_DIRS, IMAGES_FOLDER, class_files, read_checksums, write_if_changed
 
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 15.0
 READ_TIMEOUT_S = 60.0
-MAX_FAILED_ATTEMPTS = 4
-RETRY_BACKOFF_S = 2.0
 CHUNK_BYTES = 1 << 20
 DOWNLOAD_CHUNK_BYTES = 1 << 16
 RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -59,12 +57,13 @@ def download_name(url: str) -> str:
     return name if name and not name.startswith(".") else "download.zip"
 
 
-def download(url: str, dest: Path) -> Path:
+def download(url: str, dest: Path, retry: DownloadParams) -> Path:
     """Download `url` to `dest` through `dest`.part, resuming it with a Range request after a failure.
 
     A complete `dest` is reused unless `dest`.url records that it came from another URL. Connection
-    errors, timeouts and 5xx answers are retried with exponential backoff; an attempt that made progress
-    does not count.
+    errors, timeouts and 5xx answers are retried with exponential backoff (`retry`, params.yaml
+    data.download); an attempt that made progress does not count. When they outlast the attempts the
+    error is a TransientError (the orchestrator may retry the whole stage later).
     """
     part = dest.with_name(dest.name + ".part")
     origin = dest.with_name(dest.name + ".url")
@@ -85,9 +84,9 @@ def download(url: str, dest: Path) -> Path:
                 break
             except _RetryableError as exc:
                 failures = 0 if _size(part) > before else failures + 1
-                if failures >= MAX_FAILED_ATTEMPTS:
-                    raise DataSourceError(f"cannot download {url}: {exc}") from None
-                delay = RETRY_BACKOFF_S * 2 ** max(failures - 1, 0)
+                if failures >= retry.attempts:
+                    raise TransientError(f"cannot download {url}: {exc}") from None
+                delay = retry.backoff_seconds * 2 ** max(failures - 1, 0)
                 log.warning("download of %s interrupted (%s); retrying in %.1f s", url, exc, delay)
                 time.sleep(delay)
     part.replace(dest)
@@ -324,7 +323,7 @@ def fetch_url(project: Project, url: str, configured: str | None) -> tuple[Path,
 
     Returns the archive and the checksum to record after a successful extraction (None if known).
     """
-    archive = download(url, project.paths.downloads / download_name(url))
+    archive = download(url, project.paths.downloads / download_name(url), project.params.data.download)
     if configured:
         verify(archive, configured, url, delete=True)
         return archive, None

@@ -110,11 +110,11 @@ def read_checksums(checksums: Path) -> dict[str, str]:
     return data
 
 
-def describe(project: Project, cwd: Path | None = None) -> dict[str, Any]:
-    """Everything data/source.json records about the source in force."""
+def describe(project: Project, cwd: Path | None = None, source: str | None = None) -> dict[str, Any]:
+    """Everything data/source.json records about the source in force (or about `source` instead)."""
     data = project.params.data
     sha256 = data.sha256.strip().lower() if data.sha256 else None
-    kind, location = classify(project.data_source(), cwd)
+    kind, location = classify(source or project.data_source(), cwd)
     images_root: str | None = None
     if kind == "url":
         expected = sha256 or recorded_checksum(project.paths.checksums, location)
