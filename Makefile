@@ -31,7 +31,8 @@ STOP_SERVICE = if [ -f .serve.pid ]; then kill $$(cat .serve.pid) 2>/dev/null ||
 SERVE_ENV = MODEL_URI="$${MODEL_URI:-$(SERVE_MODEL_URI)}" \
 	MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}"
 
-.PHONY: help install browser run promote rollback audit serve serve-bg stop test lint format mlflow-ui
+.PHONY: help install browser prometheus run flow flow-serve flow-watch promote rollback audit serve serve-bg stop test lint \
+	format mlflow-ui
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -54,6 +55,15 @@ run: install ## Pipeline (dvc repro, registers @challenger) -> promote to @champ
 	@start=$$(date +%s); dvc repro && python -m catdog promote && python -m catdog summary && \
 		echo "pipeline finished in $$(( $$(date +%s) - start ))s"
 	@$(MAKE) --no-print-directory -f $(firstword $(MAKEFILE_LIST)) serve-bg
+
+flow: install ## The pipeline as a Prefect flow: a task per DVC stage, retries, alerts, promote (FLOW_ARGS=...)
+	python -m flows run $(FLOW_ARGS)
+
+flow-serve: install ## Serve the Prefect deployments: weekly retraining, data-change trigger, manual runs
+	python -m flows serve
+
+flow-watch: install ## The data-change trigger once: the flow runs only when the data source changed
+	python -m flows watch
 
 promote: install ## Gate @challenger (metrics, no regression, schema, latency, staging smoke) into @champion
 	python -m catdog promote
@@ -93,7 +103,10 @@ browser: ## Install Chromium for the web page's browser test (apt-get; a no-op w
 			|| echo "browser: apt-get could not install Chromium: the page test is skipped"; \
 	fi
 
-test: install browser ## Lint, then the whole test suite (unit, integration, e2e)
+prometheus: ## Install Debian's prometheus package (promtool, prometheus) for the monitoring tests
+	@bash scripts/install_prometheus.sh
+
+test: install browser prometheus ## Lint, then the whole test suite (unit, integration, e2e)
 	$(BIN)/ruff check .
 	$(BIN)/pytest || [ $$? -eq 5 ]
 

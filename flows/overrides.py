@@ -2,12 +2,13 @@
 
 The stages read params.yaml and DVC tracks it, so an override written there is what the stages use, what
 dvc.lock and the MLflow run record, and what makes DVC re-run the stages that depend on it. Comments and
-order are kept (DVC's own round-trip YAML writer). Only existing keys can be set; a value that makes
+order are kept (ruamel.yaml's round trip, as DVC does). Only existing keys can be set; a value that makes
 params.yaml invalid is refused and the file is left as it was.
 """
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,25 +37,41 @@ def parse(pairs: Sequence[str]) -> dict[str, Any]:
 
 def apply(root: Path, overrides: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
     """Write `overrides` into root/params.yaml; returns {key: (old, new)} of the values that changed."""
-    from dvc.utils.serialize import modify_yaml
-
     path = root / PARAMS_FILE
     if not overrides:
         return {}
     original = path.read_text()
+    data = _round_trip().load(original)
     changed: dict[str, tuple[Any, Any]] = {}
-    with modify_yaml(path) as data:
-        for key, value in overrides.items():
-            parent, leaf = _locate(data, key, path)
-            if parent[leaf] != value:
-                changed[key] = (parent[leaf], value)
-                parent[leaf] = value
+    for key, value in overrides.items():
+        parent, leaf = _locate(data, key, path)
+        if parent[leaf] != value:
+            changed[key] = (parent[leaf], value)
+            parent[leaf] = value
+    if not changed:
+        return {}
+    text = io.StringIO()
+    _round_trip().dump(data, text)
+    path.write_text(text.getvalue())
     try:
         load_params(path)
     except ConfigError as exc:
         path.write_text(original)
         raise ConfigError(f"params overrides refused, {path} left unchanged: {exc}") from exc
     return changed
+
+
+def _round_trip() -> Any:
+    """ruamel.yaml (DVC's YAML library) keeping comments, order, quotes, long lines and `null`."""
+    from ruamel.yaml import YAML
+
+    yaml_rt = YAML(typ="rt")
+    yaml_rt.preserve_quotes = True
+    yaml_rt.width = 4096
+    yaml_rt.representer.add_representer(
+        type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null")
+    )
+    return yaml_rt
 
 
 def _locate(data: Any, key: str, path: Path) -> tuple[Any, str]:
