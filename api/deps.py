@@ -1,4 +1,4 @@
-"""FastAPI dependencies: the app's settings and predictor, and the admin key check."""
+"""FastAPI dependencies: the app's settings, predictor, monitors and feedback store; the admin key check."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader
 
 from api.errors import ApiError
+from api.feedback import FeedbackStore
 from api.metrics import ServiceMetrics
+from api.monitoring import DriftMonitor
 from api.predictor import Predictor
 from api.settings import Settings
 
@@ -30,9 +32,19 @@ def get_metrics(request: Request) -> ServiceMetrics:
     return request.app.state.metrics
 
 
+def get_drift(request: Request) -> DriftMonitor:
+    return request.app.state.drift
+
+
+def get_feedback(request: Request) -> FeedbackStore:
+    return request.app.state.feedback
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 PredictorDep = Annotated[Predictor, Depends(get_predictor)]
 MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]
+DriftDep = Annotated[DriftMonitor, Depends(get_drift)]
+FeedbackDep = Annotated[FeedbackStore, Depends(get_feedback)]
 
 
 def require_admin(

@@ -14,10 +14,12 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from api import errors, logs
+from api.feedback import FeedbackStore
 from api.metrics import ServiceMetrics
 from api.middleware import RequestContext, UploadGuard
+from api.monitoring import DriftMonitor
 from api.predictor import Predictor
-from api.routes import admin, page, predict, system
+from api.routes import admin, monitoring, page, predict, system
 from api.settings import Settings, get_settings
 
 MULTIPART_SLACK = 64 * 1024
@@ -26,6 +28,8 @@ DESCRIPTION = """Cats-vs-Dogs classifier. Upload a photo, get P(cat) and P(dog).
 * `curl -F file=@cat.jpg localhost:8000/predict`
 * several at once: `curl -F files=@a.jpg -F files=@b.png localhost:8000/predict/batch`
 * JSON: `curl -H 'content-type: application/json' -d '{"image": "<base64>"}' localhost:8000/predict/base64`
+* the true label, later: `curl -H 'content-type: application/json'
+  -d '{"request_id": "<id>", "true_label": "cat"}' localhost:8000/feedback`
 
 Every error is `{"error": {"code", "message"}}` with a 4xx status for bad input.
 """
@@ -56,13 +60,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     logs.configure(settings.log_level)
     metrics = ServiceMetrics()
-    predictor = Predictor(settings, metrics)
+    drift = DriftMonitor(settings, metrics)
+    feedback = FeedbackStore(settings, metrics)
+    predictor = Predictor(settings, metrics, drift)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        drift.start()
+        await feedback.start()
         await predictor.start()
         yield
         await predictor.stop()
+        await feedback.stop()
+        drift.stop()
 
     app = FastAPI(
         title="catdog prediction service",
@@ -72,14 +82,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         openapi_tags=[
             {"name": "predict", "description": "Images in, class probabilities out."},
             {"name": "operations", "description": "Health, readiness, metrics and the model."},
+            {"name": "monitoring", "description": "Ground-truth feedback, live accuracy and data drift."},
             {"name": "admin", "description": "Needs the X-API-Key header (ADMIN_API_KEY)."},
         ],
     )
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.predictor = predictor
+    app.state.drift = drift
+    app.state.feedback = feedback
     errors.install(app)
-    for module in (predict, system, admin, page):
+    for module in (predict, monitoring, system, admin, page):
         app.include_router(module.router)
     app.add_middleware(UploadGuard, rules=upload_rules(settings), default_limit=MULTIPART_SLACK)
     if settings.cors_origin_list:

@@ -57,10 +57,50 @@ class ServiceMetrics:
         self.model = Info("catdog_model", "The model being served.", registry=r)
         self.ready = Gauge("catdog_model_ready", "1 when a warmed-up model is serving.", registry=r)
         self.reloads = Counter("catdog_model_reloads", "Model (re)loads by outcome.", ["outcome"], registry=r)
+        self.drift_score = Gauge(
+            "catdog_drift_score",
+            "PSI of the drift window against the model's reference, by property (NaN while too few images "
+            "or without a reference).",
+            ["property"],
+            registry=r,
+        )
+        self.drift_detected = Gauge(
+            "catdog_drift_detected",
+            "1 when a property's PSI is over DRIFT_PSI_THRESHOLD.",
+            ["property"],
+            registry=r,
+        )
+        self.drift_window = Gauge("catdog_drift_window_images", "Images in the drift window.", registry=r)
+        self.live_accuracy = Gauge(
+            "catdog_live_accuracy",
+            "Accuracy of the most recent predictions that got ground-truth feedback (NaN before any).",
+            registry=r,
+        )
+        self.live_accuracy_window = Gauge(
+            "catdog_live_accuracy_window",
+            "Labelled predictions the live accuracy is computed over.",
+            registry=r,
+        )
+        self.feedback = Counter(
+            "catdog_feedback", "Ground-truth feedback received, by outcome.", ["outcome"], registry=r
+        )
+        self.monitoring_dropped = Counter(
+            "catdog_monitoring_dropped",
+            "Observations monitoring dropped because it fell behind, by monitor.",
+            ["monitor"],
+            registry=r,
+        )
+        self.live_accuracy.set(float("nan"))
+        for outcome in ("correct", "incorrect"):
+            self.feedback.labels(outcome=outcome)
 
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)
         self.inference.observe(seconds)
+
+    def observe_accuracy(self, accuracy: float | None, labelled: int) -> None:
+        self.live_accuracy.set(float("nan") if accuracy is None else accuracy)
+        self.live_accuracy_window.set(labelled)
 
     def observe_prediction(self, label: str, confidence: float) -> None:
         self.predictions.labels(label=label).inc()

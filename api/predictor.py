@@ -1,4 +1,5 @@
-"""The predictor owns the model: loading, warm-up, readiness, atomic reloads and micro-batched predictions."""
+"""The predictor owns the model: loading, warm-up, readiness, atomic reloads (each telling the drift monitor
+which model and reference it now judges against) and micro-batched predictions."""
 
 from __future__ import annotations
 
@@ -13,13 +14,14 @@ import numpy as np
 from anyio import CapacityLimiter, to_thread
 from PIL import Image
 
-from api import model_loader
+from api import model_loader, monitoring
 from api.batching import MicroBatcher, QueueFull
 from api.errors import ApiError, decode_error
 from api.metrics import ServiceMetrics
 from api.model_loader import ModelBundle, ModelLoadError
+from api.monitoring import DriftMonitor
 from api.settings import Settings
-from catdog.preprocessing import ImageDecodeError, preprocess
+from catdog.preprocessing import ImageDecodeError, PreprocessConfig, open_image, preprocess
 
 log = logging.getLogger("catdog.api")
 
@@ -30,6 +32,28 @@ class Prediction:
     probabilities: dict[str, float]
     confidence: float
     model: ModelBundle
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """An upload as the model takes it, with what the drift monitor measures."""
+
+    tensor: np.ndarray
+    picture: Image.Image
+    original_size: tuple[int, int]
+
+
+def decode_upload(data: bytes, config: PreprocessConfig, max_pixels: int) -> Decoded:
+    """The model input of an image file (the shared preprocessing, untouched), the model-sized RGB picture
+    it was made from (seen through preprocess's transform hook, returned unchanged) and the file's size."""
+    seen: list[Image.Image] = []
+
+    def keep(picture: Image.Image) -> Image.Image:
+        seen.append(picture)
+        return picture
+
+    tensor = preprocess(data, config, max_pixels=max_pixels, transform=keep)
+    return Decoded(tensor, seen[0], open_image(data, max_pixels=max_pixels).size)
 
 
 def warmup_image() -> bytes:
@@ -46,9 +70,10 @@ def warmup_image() -> bytes:
 class Predictor:
     """The served model and the batcher in front of it."""
 
-    def __init__(self, settings: Settings, metrics: ServiceMetrics) -> None:
+    def __init__(self, settings: Settings, metrics: ServiceMetrics, drift: DriftMonitor) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.drift = drift
         self.batcher = MicroBatcher(
             settings.batch_max_size, settings.batch_max_wait_ms, settings.max_queue, metrics.observe_batch
         )
@@ -60,12 +85,12 @@ class Predictor:
         self._broken_version: str | None = None
         self._decoders: CapacityLimiter | None = None
 
-    async def _decode(self, data: bytes, bundle: ModelBundle) -> np.ndarray:
+    async def _decode(self, data: bytes, bundle: ModelBundle) -> Decoded:
         """The shared preprocessing in a worker thread; at most one decode per core at a time (more only
         add memory and steal the cores from inference)."""
         if self._decoders is None:
             self._decoders = CapacityLimiter(self.settings.threads)
-        work = functools.partial(preprocess, data, bundle.config, max_pixels=self.settings.max_image_pixels)
+        work = functools.partial(decode_upload, data, bundle.config, self.settings.max_image_pixels)
         return await to_thread.run_sync(work, limiter=self._decoders)
 
     @property
@@ -139,7 +164,9 @@ class Predictor:
             except Exception as exc:
                 self.metrics.reloads.labels(outcome="failed").inc()
                 raise ModelLoadError(f"{uri}: {type(exc).__name__}: {exc}") from exc
+            reference = await asyncio.to_thread(monitoring.load_reference, bundle.path)
             self.bundle = bundle
+            self.drift.use_model(bundle.version, reference)
             self.status = "ready"
             self.metrics.reloads.labels(outcome="loaded").inc()
             self.metrics.ready.set(1)
@@ -164,7 +191,7 @@ class Predictor:
 
     async def _warm_up(self, bundle: ModelBundle) -> None:
         """One real prediction (decode included) and one full batch; fails on a wrong output."""
-        image = await self._decode(warmup_image(), bundle)
+        image = (await self._decode(warmup_image(), bundle)).tensor
         for size in sorted({1, self.settings.batch_max_size}):
             batch = np.repeat(image[None], size, axis=0)
             out = await self.batcher.run_in_thread(bundle.predict, batch)
@@ -180,7 +207,7 @@ class Predictor:
             raise ApiError(503, "model_not_ready", self.status, headers={"Retry-After": "5"})
         return self.bundle
 
-    async def preprocess(self, data: bytes, bundle: ModelBundle) -> np.ndarray:
+    async def preprocess(self, data: bytes, bundle: ModelBundle) -> Decoded:
         """Decode and preprocess off the event loop with the shared module; bad images become ApiErrors."""
         try:
             return await self._decode(data, bundle)
@@ -196,9 +223,9 @@ class Predictor:
     async def predict(self, data: bytes) -> Prediction:
         """Class probabilities of one uploaded image."""
         bundle = self.current()
-        image = await self.preprocess(data, bundle)
+        decoded = await self.preprocess(data, bundle)
         try:
-            row = await self.batcher.predict(bundle, image)
+            row = await self.batcher.predict(bundle, decoded.tensor)
         except QueueFull as exc:
             self.metrics.rejected.labels(code="overloaded").inc()
             raise ApiError(503, "overloaded", str(exc), headers={"Retry-After": "1"}) from exc
@@ -208,4 +235,5 @@ class Predictor:
         index = int(np.argmax(row))
         prediction = Prediction(bundle.labels[index], probabilities, float(row[index]), bundle)
         self.metrics.observe_prediction(prediction.label, prediction.confidence)
+        self.drift.observe(bundle.version, decoded.picture, decoded.original_size, prediction.confidence)
         return prediction

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -113,3 +113,87 @@ class ReloadOut(BaseModel):
     previous: ModelRef | None
     model: ModelRef
     seconds: float
+
+
+class FeedbackIn(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"request_id": "5f0c6b1e2d4a4c8e9a7b3c1d2e3f4a5b", "true_label": "cat"}]
+        }
+    )
+
+    request_id: str = Field(
+        pattern=r"^[A-Za-z0-9._:-]{1,80}$",
+        description="The request_id of the prediction (its X-Request-ID); `<request_id>:<i>` for the i-th "
+        "file (from 0) of a /predict/batch request.",
+    )
+    true_label: str = Field(
+        min_length=1, max_length=64, description="What the image really shows: one of the model's labels."
+    )
+
+
+class FeedbackOut(BaseModel):
+    request_id: str
+    status: Literal["recorded", "unchanged"] = Field(
+        description="`unchanged` when the same true label had already been recorded."
+    )
+    predicted_label: str = Field(examples=["dog"])
+    true_label: str = Field(examples=["cat"])
+    correct: bool
+    model: ModelRef = Field(description="The model that made the prediction.")
+    live_accuracy: float | None = Field(description="Accuracy over the live accuracy window, this included.")
+    labelled: int = Field(description="Labelled predictions in the live accuracy window.")
+
+
+class Summary(BaseModel):
+    mean: float | None
+    median: float | None
+
+
+class PropertyDrift(BaseModel):
+    score: float | None = Field(
+        description="PSI against the reference; null while collecting or without one."
+    )
+    threshold: float
+    drifted: bool
+    status: Literal["ok", "drift", "collecting", "no_reference"]
+    bins: int | None = Field(description="Bins PSI compares for this reference (null without one).")
+    reference: Summary | None = Field(
+        description="The reference distribution (training images, or the "
+        "model's confidence on the validation split)."
+    )
+    live: Summary | None = Field(description="The images in the window.")
+
+
+class DriftReport(BaseModel):
+    model_version: str | None = Field(description="The served model the window is judged against.")
+    status: Literal["ok", "drift", "collecting", "no_reference", "no_model"]
+    drifted: bool = Field(description="Whether any property (or the confidence) has drifted.")
+    drifted_properties: list[str]
+    window: int = Field(description="DRIFT_WINDOW: the most recent images compared.")
+    images: int = Field(description="Images in the window now.")
+    min_images: int = Field(description="DRIFT_MIN_IMAGES: images needed before drift is judged.")
+    threshold: float = Field(description="DRIFT_PSI_THRESHOLD.")
+    properties: dict[str, PropertyDrift] = Field(
+        description="brightness, contrast, sharpness, colourfulness, width, height, aspect_ratio, confidence."
+    )
+
+
+class ClassRecall(BaseModel):
+    labelled: int = Field(description="Labelled predictions of this true class in the window.")
+    recall: float
+
+
+class ModelAccuracy(BaseModel):
+    labelled: int
+    accuracy: float
+
+
+class PerformanceReport(BaseModel):
+    window: int = Field(description="ACCURACY_WINDOW: the most recent labelled predictions counted.")
+    labelled: int = Field(description="Labelled predictions in the window.")
+    correct: int
+    accuracy: float | None = Field(description="null before any feedback.")
+    per_class: dict[str, ClassRecall] = Field(description="Recall per true class, in the window.")
+    by_model: dict[str, ModelAccuracy] = Field(description="Accuracy per model version, in the window.")
+    labelled_total: int = Field(description="Labelled predictions in the database.")

@@ -6,7 +6,7 @@ import os
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Precision = Literal["auto", "fp32", "int8"]
@@ -66,6 +66,50 @@ class Settings(BaseSettings):
     admin_api_key: SecretStr | None = Field(
         default=None, description="Key for POST /admin/reload (header X-API-Key); unset = admin disabled."
     )
+    drift_window: int = Field(
+        default=500,
+        ge=10,
+        description="Most recent predicted images the drift monitor compares with the reference.",
+    )
+    drift_min_images: int = Field(
+        default=200,
+        ge=1,
+        description="Images the drift window needs before it judges drift (held-out real photos, 10 bins: "
+        "windows of 100 images reached PSI 0.32, a false alarm; windows of 200 at most 0.12).",
+    )
+    drift_psi_threshold: float = Field(
+        default=0.2,
+        gt=0,
+        description="PSI over which a property has drifted (0.1 moderate, 0.2 significant).",
+    )
+    drift_bins: int = Field(
+        default=10,
+        ge=2,
+        le=20,
+        description="Most bins PSI compares: the reference's equal-mass histogram merged into at most this "
+        "many, with at least 75 reference values each (with k bins, PSI of an undrifted window of n images "
+        "is about (k-1)/n).",
+    )
+    feedback_db: str = Field(
+        default="data/feedback.db",
+        description="SQLite file keeping every prediction by request id for POST /feedback; empty = none.",
+    )
+    accuracy_window: int = Field(
+        default=500, ge=1, description="Most recent labelled predictions the live accuracy is computed over."
+    )
+    feedback_retention_days: float = Field(
+        default=30.0,
+        ge=0,
+        description="Predictions that got no feedback are deleted after this many days (0 = kept forever).",
+    )
+
+    @model_validator(mode="after")
+    def _drift_window_fits(self) -> Settings:
+        if self.drift_min_images > self.drift_window:
+            raise ValueError(
+                f"DRIFT_MIN_IMAGES ({self.drift_min_images}) is over DRIFT_WINDOW ({self.drift_window})"
+            )
+        return self
 
     @property
     def max_upload_bytes(self) -> int:

@@ -48,13 +48,15 @@ class Server:
 def start_server(
     model_uri: str | Path, log: Path, wait_ready: bool = True, timeout: float = 90, **env: str
 ) -> Server:
-    """`python -m uvicorn api.main:app` on a free loopback port with MODEL_URI and extra settings."""
+    """`python -m uvicorn api.main:app` on a free loopback port with MODEL_URI and extra settings (the
+    feedback database beside the log unless FEEDBACK_DB is given)."""
     port = free_port()
     environment = {
         **os.environ,
         "MODEL_URI": str(model_uri),
         "ADMIN_API_KEY": ADMIN_KEY,
         "LOG_LEVEL": "info",
+        "FEEDBACK_DB": str(log.with_name("feedback.db")),
         **env,
     }
     handle = log.open("w")

@@ -12,8 +12,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, File, Request, UploadFile
 
 from api import errors
-from api.deps import PredictorDep, SettingsDep
+from api.deps import FeedbackDep, PredictorDep, SettingsDep
 from api.errors import ApiError
+from api.feedback import FeedbackStore
 from api.predictor import Prediction
 from api.schemas import Base64In, BatchError, BatchOut, BatchPrediction, ModelRef, PredictionOut
 
@@ -59,8 +60,11 @@ def _log(request: Request, prediction: Prediction, filename: str | None) -> None
     }
 
 
-async def _answer(request: Request, predictor: Any, data: bytes, filename: str | None) -> PredictionOut:
+async def _answer(
+    request: Request, predictor: Any, feedback: FeedbackStore, data: bytes, filename: str | None
+) -> PredictionOut:
     prediction = await predictor.predict(data)
+    feedback.remember(request.state.request_id, prediction)
     _log(request, prediction, filename)
     return PredictionOut(
         label=prediction.label,
@@ -81,11 +85,12 @@ async def predict(
     request: Request,
     predictor: PredictorDep,
     settings: SettingsDep,
+    feedback: FeedbackDep,
     file: Annotated[UploadFile, File(description=f"The image: {FORMATS}.")],
 ) -> PredictionOut:
     """Multipart upload (field `file`): `curl -F file=@cat.jpg localhost:8000/predict`."""
     data = await read_upload(file, settings.max_upload_bytes)
-    return await _answer(request, predictor, data, _safe_name(file.filename))
+    return await _answer(request, predictor, feedback, data, _safe_name(file.filename))
 
 
 @router.post(
@@ -98,23 +103,26 @@ async def predict_batch(
     request: Request,
     predictor: PredictorDep,
     settings: SettingsDep,
+    feedback: FeedbackDep,
     files: Annotated[
         list[UploadFile], File(description=f"The images (repeat the field `files`): {FORMATS}.")
     ],
 ) -> BatchOut:
-    """One result per file, in order; a bad file gets its own error and never fails the others."""
+    """One result per file, in order; a bad file gets its own error and never fails the others. Feedback for
+    the i-th file (from 0) goes to request id `<request_id>:<i>`."""
     if len(files) > settings.max_batch_files:
         raise ApiError(
             413, "too_many_files", f"{len(files)} files sent; at most {settings.max_batch_files} per request"
         )
     predictor.current()
 
-    async def one(upload: UploadFile) -> BatchPrediction | BatchError:
+    async def one(index: int, upload: UploadFile) -> BatchPrediction | BatchError:
         name = _safe_name(upload.filename)
         try:
             prediction = await predictor.predict(await read_upload(upload, settings.max_upload_bytes))
         except ApiError as exc:
             return BatchError(filename=name, error=errors.ErrorDetail(code=exc.code, message=exc.message))
+        feedback.remember(f"{request.state.request_id}:{index}", prediction)
         return BatchPrediction(
             filename=name,
             label=prediction.label,
@@ -122,7 +130,7 @@ async def predict_batch(
             model=_model(prediction),
         )
 
-    results = await asyncio.gather(*(one(upload) for upload in files))
+    results = await asyncio.gather(*(one(index, upload) for index, upload in enumerate(files)))
     labels = [r.label for r in results if isinstance(r, BatchPrediction)]
     request.state.log = {"files": len(files), "predicted": len(labels), "labels": labels[:64]}
     return BatchOut(
@@ -149,8 +157,8 @@ def decode_base64(text: str, limit: int) -> bytes:
     responses=errors.responses(400, 413, 415, 422, 503),
 )
 async def predict_base64(
-    request: Request, predictor: PredictorDep, settings: SettingsDep, body: Base64In
+    request: Request, predictor: PredictorDep, settings: SettingsDep, feedback: FeedbackDep, body: Base64In
 ) -> PredictionOut:
     """JSON body `{"image": "<base64>"}`; the same answer as /predict."""
     data = decode_base64(body.image, settings.max_upload_bytes)
-    return await _answer(request, predictor, data, _safe_name(body.filename))
+    return await _answer(request, predictor, feedback, data, _safe_name(body.filename))
