@@ -90,6 +90,17 @@ class ServiceMetrics:
             ["monitor"],
             registry=r,
         )
+        self.out_of_distribution = Counter(
+            "catdog_out_of_distribution",
+            "Predictions whose picture does not look like a cat or a dog (pet score below the model's "
+            "threshold); only models with the score count.",
+            registry=r,
+        )
+        self.ood_checked = Counter(
+            "catdog_ood_checked",
+            "Predictions the out-of-distribution score was computed for (the denominator of the OOD rate).",
+            registry=r,
+        )
         self.live_accuracy.set(float("nan"))
         for outcome in ("correct", "incorrect"):
             self.feedback.labels(outcome=outcome)
@@ -101,6 +112,11 @@ class ServiceMetrics:
     def observe_accuracy(self, accuracy: float | None, labelled: int) -> None:
         self.live_accuracy.set(float("nan") if accuracy is None else accuracy)
         self.live_accuracy_window.set(labelled)
+
+    def observe_ood(self, in_distribution: bool) -> None:
+        self.ood_checked.inc()
+        if not in_distribution:
+            self.out_of_distribution.inc()
 
     def observe_prediction(self, label: str, confidence: float) -> None:
         self.predictions.labels(label=label).inc()

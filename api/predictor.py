@@ -1,5 +1,6 @@
 """The predictor owns the model: loading, warm-up, readiness, atomic reloads (each telling the drift monitor
-which model and reference it now judges against) and micro-batched predictions."""
+which model and reference it now judges against) and micro-batched predictions, each with the model's
+out-of-distribution verdict when the model has the `pet_score` output (catdog.onnx_model)."""
 
 from __future__ import annotations
 
@@ -21,9 +22,20 @@ from api.metrics import ServiceMetrics
 from api.model_loader import ModelBundle, ModelLoadError
 from api.monitoring import DriftMonitor
 from api.settings import Settings
+from catdog import onnx_model
 from catdog.preprocessing import ImageDecodeError, PreprocessConfig, open_image, preprocess
 
 log = logging.getLogger("catdog.api")
+
+
+@dataclass(frozen=True)
+class InDistribution:
+    """The out-of-distribution verdict: flag is False when the picture does not look like a cat or a dog
+    (score below the threshold calibrated at export)."""
+
+    score: float
+    threshold: float
+    flag: bool
 
 
 @dataclass(frozen=True)
@@ -32,6 +44,28 @@ class Prediction:
     probabilities: dict[str, float]
     confidence: float
     model: ModelBundle
+    in_distribution: InDistribution | None = None
+
+
+class ScoredModel:
+    """What the micro-batcher runs for one bundle: rows of class probabilities, followed by the pet score
+    when the model has it and a threshold (one model run gives both)."""
+
+    def __init__(self, bundle: ModelBundle) -> None:
+        self.bundle = bundle
+        self.threshold = onnx_model.ood_threshold(bundle.session)
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        probabilities, score = onnx_model.predict(self.bundle.session, batch, self.threshold is not None)
+        return probabilities if score is None else np.column_stack([probabilities, score])
+
+    def split(self, row: np.ndarray) -> tuple[np.ndarray, InDistribution | None]:
+        """A batcher row as (class probabilities, verdict)."""
+        if self.threshold is None:
+            return row, None
+        score = float(row[len(self.bundle.labels)])
+        verdict = InDistribution(round(score, 6), self.threshold, bool(score >= self.threshold))
+        return row[: len(self.bundle.labels)], verdict
 
 
 @dataclass(frozen=True)
@@ -84,6 +118,13 @@ class Predictor:
         self._watching: asyncio.Task[None] | None = None
         self._broken_version: str | None = None
         self._decoders: CapacityLimiter | None = None
+        self._scored: ScoredModel | None = None
+
+    def scored(self, bundle: ModelBundle) -> ScoredModel:
+        """The batcher's model for `bundle` (one per bundle, so a batch never mixes models)."""
+        if self._scored is None or self._scored.bundle is not bundle:
+            self._scored = ScoredModel(bundle)
+        return self._scored
 
     async def _decode(self, data: bytes, bundle: ModelBundle) -> Decoded:
         """The shared preprocessing in a worker thread; at most one decode per core at a time (more only
@@ -192,9 +233,11 @@ class Predictor:
     async def _warm_up(self, bundle: ModelBundle) -> None:
         """One real prediction (decode included) and one full batch; fails on a wrong output."""
         image = (await self._decode(warmup_image(), bundle)).tensor
+        scored = ScoredModel(bundle)
         for size in sorted({1, self.settings.batch_max_size}):
             batch = np.repeat(image[None], size, axis=0)
-            out = await self.batcher.run_in_thread(bundle.predict, batch)
+            out = await self.batcher.run_in_thread(scored.predict, batch)
+            out = out[:, : len(bundle.labels)] if scored.threshold is not None else out
             if out.shape != (size, len(bundle.labels)) or not np.allclose(out.sum(axis=1), 1, atol=1e-3):
                 raise ModelLoadError(
                     f"warm-up prediction failed: got shape {out.shape} summing to {out.sum(axis=1)[:1]}, "
@@ -224,8 +267,9 @@ class Predictor:
         """Class probabilities of one uploaded image."""
         bundle = self.current()
         decoded = await self.preprocess(data, bundle)
+        scored = self.scored(bundle)
         try:
-            row = await self.batcher.predict(bundle, decoded.tensor)
+            row, verdict = scored.split(await self.batcher.predict(scored, decoded.tensor))
         except QueueFull as exc:
             self.metrics.rejected.labels(code="overloaded").inc()
             raise ApiError(503, "overloaded", str(exc), headers={"Retry-After": "1"}) from exc
@@ -233,7 +277,9 @@ class Predictor:
             self.metrics.queue.set(self.batcher.waiting)
         probabilities = {label: round(float(p), 6) for label, p in zip(bundle.labels, row, strict=True)}
         index = int(np.argmax(row))
-        prediction = Prediction(bundle.labels[index], probabilities, float(row[index]), bundle)
+        prediction = Prediction(bundle.labels[index], probabilities, float(row[index]), bundle, verdict)
         self.metrics.observe_prediction(prediction.label, prediction.confidence)
+        if verdict is not None:
+            self.metrics.observe_ood(verdict.flag)
         self.drift.observe(bundle.version, decoded.picture, decoded.original_size, prediction.confidence)
         return prediction

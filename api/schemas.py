@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from api.errors import ErrorDetail
 
 PROBABILITIES = {"cat": 0.0132, "dog": 0.9868}
+IN_DISTRIBUTION = {"score": 0.8731, "threshold": 0.2622, "flag": True}
 TINY_PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
 
 
@@ -21,6 +22,33 @@ class ModelRef(BaseModel):
     )
 
 
+class InDistributionOut(BaseModel):
+    """Whether the picture looks like a cat or a dog at all (the model answers cat or dog for anything)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [IN_DISTRIBUTION]})
+
+    score: float = Field(
+        description="The model's pet score in [0, 1]: the ImageNet cat+dog probability mass of the "
+        "pretrained "
+        "ImageNet classifier on the model's own features (definition in the model's `ood` metadata).",
+        examples=[0.8731],
+    )
+    threshold: float = Field(
+        description="Calibrated at export on validation pets (export.ood in params.yaml).", examples=[0.2622]
+    )
+    flag: bool = Field(
+        description="true = looks like a cat or a dog (score >= threshold); false = out of distribution: "
+        "the label is probably meaningless."
+    )
+
+
+IN_DISTRIBUTION_FIELD = Field(
+    default=None,
+    description="The out-of-distribution check; null when the served model has no pet score "
+    "(e.g. simple_cnn).",
+)
+
+
 class PredictionOut(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={
@@ -29,9 +57,18 @@ class PredictionOut(BaseModel):
                     "label": "dog",
                     "probabilities": PROBABILITIES,
                     "model": {"name": "tf_efficientnet_lite0", "version": "3"},
+                    "in_distribution": IN_DISTRIBUTION,
                     "request_id": "5f0c6b1e2d4a4c8e9a7b3c1d2e3f4a5b",
                     "latency_ms": 14.2,
-                }
+                },
+                {
+                    "label": "cat",
+                    "probabilities": {"cat": 0.9412, "dog": 0.0588},
+                    "model": {"name": "tf_efficientnet_lite0", "version": "3"},
+                    "in_distribution": {"score": 0.0213, "threshold": 0.2622, "flag": False},
+                    "request_id": "0d9e8f7a6b5c4d3e2f1a0b9c8d7e6f5a",
+                    "latency_ms": 13.8,
+                },
             ]
         }
     )
@@ -39,6 +76,7 @@ class PredictionOut(BaseModel):
     label: str = Field(description="The most probable class.", examples=["dog"])
     probabilities: dict[str, float] = Field(description="P(class) for every class; they sum to 1.")
     model: ModelRef
+    in_distribution: InDistributionOut | None = IN_DISTRIBUTION_FIELD
     request_id: str = Field(description="Also in the X-Request-ID response header and the logs.")
     latency_ms: float = Field(description="Time spent in the service for this request.")
 
@@ -48,6 +86,7 @@ class BatchPrediction(BaseModel):
     label: str = Field(examples=["cat"])
     probabilities: dict[str, float]
     model: ModelRef
+    in_distribution: InDistributionOut | None = IN_DISTRIBUTION_FIELD
 
 
 class BatchError(BaseModel):

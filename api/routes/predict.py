@@ -16,7 +16,15 @@ from api.deps import FeedbackDep, PredictorDep, SettingsDep
 from api.errors import ApiError
 from api.feedback import FeedbackStore
 from api.predictor import Prediction
-from api.schemas import Base64In, BatchError, BatchOut, BatchPrediction, ModelRef, PredictionOut
+from api.schemas import (
+    Base64In,
+    BatchError,
+    BatchOut,
+    BatchPrediction,
+    InDistributionOut,
+    ModelRef,
+    PredictionOut,
+)
 
 router = APIRouter(tags=["predict"])
 DATA_URL = re.compile(r"^data:[\w.+/-]*(;[\w=.+-]+)*;base64,", re.IGNORECASE)
@@ -50,12 +58,21 @@ def _model(prediction: Prediction) -> ModelRef:
     return ModelRef(name=prediction.model.name, version=prediction.model.version)
 
 
+def _in_distribution(prediction: Prediction) -> InDistributionOut | None:
+    verdict = prediction.in_distribution
+    if verdict is None:
+        return None
+    return InDistributionOut(score=verdict.score, threshold=verdict.threshold, flag=verdict.flag)
+
+
 def _log(request: Request, prediction: Prediction, filename: str | None) -> None:
+    verdict = prediction.in_distribution
     request.state.log = {
         "model": prediction.model.name,
         "model_version": prediction.model.version,
         "label": prediction.label,
         "confidence": round(prediction.confidence, 4),
+        "in_distribution": None if verdict is None else verdict.flag,
         "upload_name": filename,
     }
 
@@ -70,6 +87,7 @@ async def _answer(
         label=prediction.label,
         probabilities=prediction.probabilities,
         model=_model(prediction),
+        in_distribution=_in_distribution(prediction),
         request_id=request.state.request_id,
         latency_ms=_elapsed_ms(request),
     )
@@ -128,6 +146,7 @@ async def predict_batch(
             label=prediction.label,
             probabilities=prediction.probabilities,
             model=_model(prediction),
+            in_distribution=_in_distribution(prediction),
         )
 
     results = await asyncio.gather(*(one(index, upload) for index, upload in enumerate(files)))

@@ -95,6 +95,14 @@ def export(root: Path | None = RootOption) -> None:
 
 
 @app.command()
+def checks(root: Path | None = RootOption) -> None:
+    """deepchecks suites (data integrity, train-test drift, model evaluation); fails on params.yaml gates."""
+    from catdog.stages.checks import run
+
+    run(root)
+
+
+@app.command()
 def register(root: Path | None = RootOption) -> None:
     """Register the exported model as a new version of the registered model (alias challenger)."""
     from catdog.config import Project

@@ -160,6 +160,15 @@ class QuantizationParams(_Section):
     max_accuracy_drop: float = Field(default=0.2, ge=0)
 
 
+class OodParams(_Section):
+    """The out-of-distribution score's threshold calibration (export.ood)."""
+
+    enabled: bool = True
+    pet_quantile: float = Field(default=0.03, ge=0, le=0.5)
+    min_threshold: float = Field(default=0.1, ge=0, le=1)
+    max_threshold: float = Field(default=0.5, ge=0, le=1)
+
+
 class ExportParams(_Section):
     opset: int = Field(default=18, ge=18)
     parity_tolerance: float = Field(default=1e-4, ge=0)
@@ -169,6 +178,21 @@ class ExportParams(_Section):
     batch_size: int = Field(default=32, ge=1)
     reference_images: int | None = Field(default=None, ge=1)
     quantization: QuantizationParams = QuantizationParams()
+    ood: OodParams = OodParams()
+
+
+class ChecksParams(_Section):
+    """`catdog checks`: deepchecks suites on per-image properties; only these conditions fail the stage."""
+
+    workers: int = Field(default=2, ge=1)
+    min_samples: int = Field(default=10, ge=1)
+    max_feature_drift: float = Field(default=0.2, ge=0, le=1)
+    max_label_drift: float = Field(default=0.1, ge=0, le=1)
+    max_duplicates: float = Field(default=0.01, ge=0, le=1)
+    max_duplicates_across_splits: float = Field(default=0.0, ge=0, le=1)
+    min_class_recall: float = Field(default=0.6, ge=0, le=1)
+    min_class_f1: float = Field(default=0.6, ge=0, le=1)
+    max_brier_score: float = Field(default=0.25, ge=0, le=1)
 
 
 class GateParams(_Section):
@@ -245,6 +269,7 @@ class Params(BaseModel):
     export: ExportParams = ExportParams()
     registry: RegistryParams = RegistryParams()
     orchestration: OrchestrationParams = OrchestrationParams()
+    checks: ChecksParams = ChecksParams()
 
 
 @dataclass(frozen=True)
@@ -413,6 +438,19 @@ class Paths:
     @property
     def export_metrics(self) -> Path:
         return self.metrics / "export.json"
+
+    @property
+    def checks_reports(self) -> Path:
+        """The deepchecks HTML reports and summary.json (large: DVC outs, never in git)."""
+        return self.reports / "checks"
+
+    @property
+    def checks_summary(self) -> Path:
+        return self.checks_reports / "summary.json"
+
+    @property
+    def checks_metrics(self) -> Path:
+        return self.metrics / "checks.json"
 
 
 def find_root(start: Path | None = None) -> Path:

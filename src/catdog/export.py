@@ -1,8 +1,10 @@
 """ONNX export of the classifier, its parity and speed under onnxruntime, and drift reference statistics.
 
 The exported graph takes `image` float32 (batch, 3, size, size), normalised by catdog.preprocessing, and
-returns `probabilities` (softmax inside the graph) and `logits`, both (batch, classes). Its metadata holds
-everything the torch-free prediction service needs: labels, the preprocessing recipe and the lineage.
+returns `probabilities` (softmax inside the graph) and `logits`, both (batch, classes), and, for backbones
+with an ImageNet head, `pet_score` (batch,): the out-of-distribution score of catdog.ood, computed from the
+same pooled features. Its metadata holds everything the torch-free prediction service needs: labels, the
+preprocessing recipe, the lineage and the score's threshold.
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from catdog import image_stats
+from catdog import image_stats, ood
 from catdog.errors import CatdogError, QualityGateError
-from catdog.onnx_model import INPUT_NAME, OUTPUT_NAMES
+from catdog.onnx_model import INPUT_NAME, OUTPUT_NAMES, SCORE_NAME
 from catdog.preprocessing import PreprocessConfig, decode, preprocess_batch
 from catdog.training.checkpoint import predict_proba
 
@@ -44,6 +46,18 @@ class ProbabilityModel(nn.Module):
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.classifier(image)
         return logits.softmax(dim=-1), logits
+
+
+class ScoredProbabilityModel(nn.Module):
+    """images -> (softmax probabilities, logits, pet_score): one backbone pass feeds both heads."""
+
+    def __init__(self, classifier: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.scored = ood.ScoredClassifier(classifier, head)
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits, score = self.scored(image)
+        return logits.softmax(dim=-1), logits, score
 
 
 def as_fp32(model: nn.Module) -> nn.Module:
@@ -68,10 +82,21 @@ def _quiet() -> Iterator[None]:
 
 
 def export_onnx(
-    model: nn.Module, config: PreprocessConfig, target: Path, metadata: Mapping[str, str], opset: int = 18
+    model: nn.Module,
+    config: PreprocessConfig,
+    target: Path,
+    metadata: Mapping[str, str],
+    opset: int = 18,
+    head: nn.Module | None = None,
 ) -> None:
-    """Write `model` (logits out) as one self-contained fp32 ONNX file with a dynamic batch axis."""
-    wrapper = ProbabilityModel(as_fp32(model)).eval()
+    """Write `model` (logits out) as one self-contained fp32 ONNX file with a dynamic batch axis; with the
+    ImageNet `head`, the graph also outputs the out-of-distribution score `pet_score`."""
+    if head is None:
+        wrapper: nn.Module = ProbabilityModel(as_fp32(model)).eval()
+        outputs = list(OUTPUT_NAMES)
+    else:
+        wrapper = ScoredProbabilityModel(as_fp32(model), head.float().eval()).eval()
+        outputs = [*OUTPUT_NAMES, SCORE_NAME]
     example = torch.zeros(2, 3, config.size, config.size)
     target.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad(), torch.autocast("cpu", enabled=False), _quiet():
@@ -80,7 +105,7 @@ def export_onnx(
             (example,),
             str(target),
             input_names=[INPUT_NAME],
-            output_names=list(OUTPUT_NAMES),
+            output_names=outputs,
             opset_version=opset,
             dynamo=True,
             external_data=False,
@@ -180,13 +205,35 @@ def parity_difference(model: nn.Module, sess: ort.InferenceSession, inputs: np.n
     return float(np.abs(torch_probabilities(model, inputs) - onnx_probs).max())
 
 
-def check_parity(difference: float, tolerance: float, images: int) -> None:
-    """Fail (QualityGateError) when the ONNX model's probabilities drift from PyTorch's."""
+def check_parity(difference: float, tolerance: float, images: int, what: str = "P") -> None:
+    """Fail (QualityGateError) when the ONNX model's probabilities (or score) drift from PyTorch's."""
     if not difference <= tolerance:
         raise QualityGateError(
-            f"ONNX parity failed: max |P_onnx - P_torch| = {difference:.3g} on {images} test images "
-            f"exceeds export.parity_tolerance {tolerance:g}"
+            f"ONNX parity failed: max |{what}_onnx - {what}_torch| = {difference:.3g} on {images} test "
+            f"images exceeds export.parity_tolerance {tolerance:g}"
         )
+
+
+def onnx_scores(sess: ort.InferenceSession, batches: Iterable[np.ndarray]) -> np.ndarray:
+    """The out-of-distribution scores (N,) from onnxruntime (the model must have the output)."""
+    out = [sess.run([SCORE_NAME], {INPUT_NAME: batch})[0] for batch in batches]
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+
+def torch_scores(model: nn.Module, head: nn.Module, inputs: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """The out-of-distribution scores (N,) from PyTorch in fp32 (catdog.ood, as the export wrapper)."""
+    batches = (torch.from_numpy(batch) for batch in _batches(inputs, batch_size))
+    return ood.probabilities_and_scores(as_fp32(model), head.float().eval(), batches)[1]
+
+
+def score_parity_difference(
+    model: nn.Module, head: nn.Module, sess: ort.InferenceSession, inputs: np.ndarray
+) -> float:
+    """The largest absolute difference between PyTorch's and onnxruntime's pet scores."""
+    if len(inputs) == 0:
+        raise CatdogError("no images for the ONNX parity check")
+    onnx_values = onnx_scores(sess, _batches(inputs, 32))
+    return float(np.abs(torch_scores(model, head, inputs) - onnx_values).max())
 
 
 def _timed(sess: ort.InferenceSession, batch: np.ndarray, runs: int) -> np.ndarray:

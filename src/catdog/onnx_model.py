@@ -17,6 +17,11 @@ if TYPE_CHECKING:
 
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("probabilities", "logits")
+# Optional third output (models with an ImageNet head): the out-of-distribution score, (batch,) float32 in
+# [0, 1]; metadata key OOD_KEY holds {"output", "threshold", "definition", ...}. Below the threshold the
+# picture does not look like a cat or a dog (flag false = out of distribution).
+SCORE_NAME = "pet_score"
+OOD_KEY = "ood"
 PROVIDERS = ["CPUExecutionProvider"]
 FP32_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
@@ -51,3 +56,28 @@ def metadata_json(meta: dict[str, str], key: str, default: object = None) -> obj
 def probabilities(sess: ort.InferenceSession, batch: np.ndarray) -> np.ndarray:
     """Class probabilities (N, classes) of one (N, 3, size, size) float32 batch."""
     return sess.run([OUTPUT_NAMES[0]], {INPUT_NAME: batch})[0]
+
+
+def has_score(sess: ort.InferenceSession) -> bool:
+    """Whether the model has the out-of-distribution score output."""
+    return SCORE_NAME in {node.name for node in sess.get_outputs()}
+
+
+def ood_threshold(sess: ort.InferenceSession) -> float | None:
+    """The calibrated score threshold in the metadata, when the model has the score output and one."""
+    if not has_score(sess):
+        return None
+    spec = metadata_json(metadata(sess), OOD_KEY, None)
+    if not isinstance(spec, dict) or not isinstance(spec.get("threshold"), int | float):
+        return None
+    return float(spec["threshold"])
+
+
+def predict(
+    sess: ort.InferenceSession, batch: np.ndarray, scored: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Class probabilities (N, classes) and, when `scored`, the pet scores (N,), from one model run."""
+    if not scored:
+        return probabilities(sess, batch), None
+    probs, score = sess.run([OUTPUT_NAMES[0], SCORE_NAME], {INPUT_NAME: batch})
+    return probs, score

@@ -2,10 +2,11 @@
 what it costs in accuracy.
 
 The int8 model keeps the fp32 model's contract: input `image` float32, outputs `probabilities` and `logits`
-float32. QuantizeLinear/DequantizeLinear pairs around the backbone's operators carry int8 weights and
-activation scales (calibrated on training images preprocessed exactly as served); onnxruntime's CPU kernels
-fuse them into integer convolutions. The classifier head (the nodes producing the graph outputs) stays fp32,
-so the probabilities are not rounded to 8 bits.
+float32 (and `pet_score`, the out-of-distribution score, when the fp32 model has it). QuantizeLinear /
+DequantizeLinear pairs around the backbone's operators carry int8 weights and activation scales (calibrated
+on training images preprocessed exactly as served); onnxruntime's CPU kernels fuse them into integer
+convolutions. The classifier head (the nodes producing the graph outputs) and the softmax and sums of
+`pet_score` stay fp32, so neither the probabilities nor the score are rounded to 8 bits.
 
 Torch-free: NumPy, onnx, onnxruntime, catdog.preprocessing and catdog.metrics only.
 """
@@ -81,18 +82,29 @@ def symmetric(activation_type: QuantType) -> bool:
     return activation_type is QuantType.QInt8
 
 
+# Operators between a classifier layer and a graph output: softmax, and the out-of-distribution score's
+# slice / sum / add over the ImageNet softmax (catdog.ood).
+HEAD_TAIL_OPS = {"Softmax", "Identity", "Slice", "ReduceSum", "Add"}
+
+
 def head_nodes(proto: onnx.ModelProto) -> list[str]:
-    """Names of the nodes that produce the graph's outputs (softmax and the logits' layer): kept in fp32."""
+    """Names of the nodes kept in fp32: those that produce the graph's outputs (the binary classifier layer,
+    whose logits are an output, and the softmax) and the softmax / slice / sum / add of `pet_score`. The
+    ImageNet layer feeding `pet_score` gets int8 weights like the backbone (fp32, it would add 5 MB to the
+    int8 file); its probabilities are never rounded to 8 bits."""
     outputs = {output.name for output in proto.graph.output}
     producers = {name: node for node in proto.graph.node for name in node.output}
     head, pending = [], list(outputs)
     while pending:
-        node = producers.get(pending.pop())
+        name = pending.pop()
+        node = producers.get(name)
         if node is None or node.name in head:
             continue
-        head.append(node.name)
-        if node.op_type in {"Softmax", "Identity"}:
+        if node.op_type in HEAD_TAIL_OPS:
+            head.append(node.name)
             pending.extend(node.input)
+        elif name in outputs:
+            head.append(node.name)
     return head
 
 

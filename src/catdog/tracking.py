@@ -155,13 +155,9 @@ def log_files(paths: list[Path], artifact_path: str) -> None:
             mlflow.log_artifacts(str(path), artifact_path=f"{artifact_path}/{path.name}")
 
 
-def log_onnx_model(
-    path: Path,
-    size: int,
-    output_names: tuple[str, ...] = ("probabilities",),
-    extra_files: Sequence[Path] = (),
-) -> str:
-    """Log the exported ONNX file as the run's MLflow model with its tensor signature; returns its URI.
+def log_onnx_model(path: Path, size: int, extra_files: Sequence[Path] = ()) -> str:
+    """Log the exported ONNX file as the run's MLflow model with its tensor signature (every output of the
+    graph, its shape read from the file); returns its URI.
 
     The `extra_files` that exist (the int8 model, model card, labels, reference statistics, export
     metrics) travel with the model, in its extra_files/ folder.
@@ -173,13 +169,22 @@ def log_onnx_model(
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
+    graph = onnx.load(str(path))
+    outputs = [
+        TensorSpec(
+            np.dtype(np.float32),
+            tuple(d.dim_value if d.dim_value > 0 else -1 for d in out.type.tensor_type.shape.dim),
+            out.name,
+        )
+        for out in graph.graph.output
+    ]
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, size, size), "image")]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 2), name) for name in output_names]),
+        outputs=Schema(outputs),
     )
     requirements = [f"onnxruntime=={onnxruntime.__version__}", f"onnx=={onnx.__version__}", "numpy<2"]
     info = mlflow.onnx.log_model(
-        onnx.load(str(path)),
+        graph,
         name="model",
         signature=signature,
         save_as_external_data=False,

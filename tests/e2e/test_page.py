@@ -138,6 +138,7 @@ def test_pick_a_photo_shows_the_api_answer(server, photos, open_page, tmp_path: 
     page.set_input_files("#file", str(photo))
     wait_for_result(page)
     assert_shows(page, expected.json())
+    assert page.is_hidden("#ood")
     assert page.eval_on_selector("#preview", "img => !img.hidden && img.complete && img.naturalWidth > 0")
     assert page.get_attribute("#result", "aria-live") == "polite"
 
@@ -147,6 +148,23 @@ def test_pick_a_photo_shows_the_api_answer(server, photos, open_page, tmp_path: 
     assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 10_000
     with Image.open(io.BytesIO(data)) as image:
         assert image.width >= 800 and len(image.convert("RGB").getcolors(1 << 24)) > 50
+    watched.assert_clean()
+
+
+def test_a_non_pet_picture_shows_the_warning(server, photos, open_page, tmp_path: Path) -> None:
+    """A picture that is no cat or dog (skimage.data's coffee cup) gets the out-of-distribution warning; the
+    next real pet photo clears it."""
+    from catdog import ood
+
+    coffee = ood.save_pictures(ood.skimage_non_pets(("coffee",)), tmp_path)[0]
+    watched = open_page(server)
+    page = watched.page
+    page.set_input_files("#file", str(coffee))
+    wait_for_result(page)
+    page.wait_for_selector("#ood:not([hidden])")
+    assert "does not look like a cat or a dog" in page.text_content("#ood")
+    page.set_input_files("#file", str(photos["dog"][1]))
+    page.wait_for_selector("#ood", state="hidden")
     watched.assert_clean()
 
 

@@ -512,7 +512,8 @@ def test_lite0_export_parity(trained_copy: Path) -> None:
     assert export.onnx_metadata(project.paths.onnx_model)["model_name"] == "tf_efficientnet_lite0"
     assert 10 < metrics["onnx_size_mb"] < 20
     block = metrics["quantization"]
-    assert set(block) == QUANTIZATION_KEYS and block["enabled"]
+    assert set(block) == QUANTIZATION_KEYS | {"max_abs_pet_score_diff"} and block["enabled"]
+    assert metrics["parity"]["pet_score_max_abs_diff"] <= 1e-4 and metrics["ood"]["enabled"]
     assert block["calibration_images"] == 16 and block["test_images"] == metrics["onnx_test"]["images"] == 8
     assert 2 < block["int8_size_mb"] < metrics["onnx_size_mb"] / 2.5
     assert block["approved"] == (block["accuracy_drop_points"] <= block["max_accuracy_drop"])
@@ -536,7 +537,11 @@ def test_mlflow_run_holds_the_onnx_model_and_files(exported: tuple[Project, dict
     mlflow.set_tracking_uri(info["tracking_uri"])
     model = mlflow.models.get_model_info(run.data.tags["model_uri"])
     assert model.signature.inputs.inputs[0].shape == (-1, 3, SIZE, SIZE)
-    assert [spec.name for spec in model.signature.outputs.inputs] == ["probabilities", "logits"]
+    outputs = {spec.name: spec.shape for spec in model.signature.outputs.inputs}
+    expected = {"probabilities": (-1, 2), "logits": (-1, 2)}
+    if onnx_model.SCORE_NAME in {o.name for o in onnx.load(str(project.paths.onnx_model)).graph.output}:
+        expected[onnx_model.SCORE_NAME] = (-1,)
+    assert outputs == expected, "the signature lists every output of the graph with its shape"
     block = json.loads(project.paths.export_metrics.read_text())["quantization"]
     assert run.data.metrics["export/quantization/accuracy_drop_points"] == block["accuracy_drop_points"]
     assert run.data.metrics["export/quantization/approved"] == float(block["approved"])

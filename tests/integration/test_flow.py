@@ -1,4 +1,6 @@
-"""Real Prefect flow runs (a temporary local Prefect API) over real `dvc repro` of a tiny project."""
+"""Real Prefect flow runs (a temporary local Prefect API) over real `dvc repro` of a tiny real-photo project:
+the full pipeline through promotion, its MLflow lineage, a DVC experiment compared in the notebook, retries,
+alerts, the data trigger and the deployments."""
 
 from __future__ import annotations
 
@@ -15,8 +17,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import mlflow
+import nbformat
 import pytest
 import yaml
+from nbclient import NotebookClient
 from test_dvc_pipeline import copy_sample, make_repo, run
 
 pytestmark = pytest.mark.slow
@@ -25,14 +30,26 @@ prefect = pytest.importorskip("prefect")
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId  # noqa: E402
 
 from catdog.config import Project  # noqa: E402
+from catdog.lineage import data_version  # noqa: E402
 from catdog.registry import CHAMPION  # noqa: E402
 from catdog.registry.promotion import open_registry  # noqa: E402
-from flows import data_trigger  # noqa: E402
+from flows import alerts, data_trigger  # noqa: E402
 from flows.alerts import ALERT_URLS_ENV  # noqa: E402
 from flows.pipeline import pipeline  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-STAGES = ("source", "ingest", "validate", "prepare", "train", "baselines", "evaluate", "export", "register")
+STAGES = (
+    "source",
+    "ingest",
+    "validate",
+    "prepare",
+    "train",
+    "baselines",
+    "evaluate",
+    "checks",
+    "export",
+    "register",
+)
 FAST_RETRIES = {"retries": 2, "retry_delay_seconds": [0.2], "retry_jitter_factor": 0, "stages": {}}
 TINY = {
     "train": {
@@ -45,8 +62,13 @@ TINY = {
         "accelerator": "cpu",
         "feature_cache": {"enabled": True, "views": 1},
     },
-    "baselines": {"linear_probe": {"enabled": False}, "simple_cnn": {"enabled": False}},
-    "evaluate": {"min_accuracy": 0.5, "min_f1": 0.5, "max_log_loss": 1.0, "worst_examples": 2},
+    "baselines": {
+        "linear_probe": {"C": [1.0]},
+        "simple_cnn": {"epochs": 1, "image_size": 64, "batch_size": 16},
+    },
+    # 15 photos per class leave 2 in the test split: floors a tiny simple_cnn experiment can meet
+    "evaluate": {"min_accuracy": 0.0, "min_f1": 0.0, "max_log_loss": 10.0, "worst_examples": 2},
+    "checks": {"min_class_recall": 0.0, "min_class_f1": 0.0, "max_brier_score": 1.0},
     "export": {"parity_images": 4, "latency_runs": 5, "throughput_batch_size": 4, "reference_images": 20},
     "registry": {
         "gates": {
@@ -91,7 +113,7 @@ class Recorder(BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         self.server.posts.append({"path": self.path, "json": json.loads(body or b"null")})
         time.sleep(self.server.delay)
-        self.send_response(204)
+        self.send_response(self.server.post_status)
         self.end_headers()
 
     def do_GET(self) -> None:
@@ -116,6 +138,7 @@ class RecordingServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), Recorder)
         self.posts: list[dict[str, Any]] = []
         self.delay = 0.0
+        self.post_status = 204
         self.gets = 0
         self.failures = 0
         self.payload: bytes | None = None
@@ -152,10 +175,11 @@ def source_folder(sample_images_dir: Path, tmp_path_factory: pytest.TempPathFact
 def flowed(prefect_api, source_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One full flow run (every stage, then promotion) of a tiny project, shared by the tests below."""
     root = tiny_repo(tmp_path_factory.mktemp("flow"))
+    commit = run(root, "git", "rev-parse", "HEAD").stdout.strip()
     started = time.perf_counter()
     state = pipeline(root=str(root), source=str(source_folder), return_state=True)
     print(f"\nfull flow run: {time.perf_counter() - started:.0f} s")
-    return {"root": root, "state": state}
+    return {"root": root, "state": state, "commit": commit}
 
 
 def task_runs(state: Any) -> dict[str, Any]:
@@ -202,12 +226,85 @@ def test_a_full_run_completes_and_a_rerun_skips_every_cached_stage(flowed, sourc
     assert "@champion is version 1" in post["json"]["content"]
 
 
+def test_the_run_is_tracked_in_mlflow_with_its_lineage(flowed):
+    root = flowed["root"]
+    comparison = json.loads((root / "metrics" / "evaluate.json").read_text())["comparison"]["models"]
+    assert set(comparison) == {"fine_tuned", "linear_probe", "simple_cnn"}
+    metrics = run(root, "dvc", "metrics", "show", "--json").stdout
+    assert "baselines.json" in metrics and "evaluate.json" in metrics
+
+    info = json.loads((root / "models" / "mlflow_run.json").read_text())
+    assert info["tracking_uri"] == f"sqlite:///{root / 'mlflow.db'}"
+    client = mlflow.MlflowClient(info["tracking_uri"])
+    mlflow_run = client.get_run(info["run_id"])
+    tags, logged = mlflow_run.data.tags, mlflow_run.data.metrics
+    assert tags["git_commit"] == flowed["commit"] and tags["git_dirty"] == "false"
+    assert tags["data_version"] == data_version(root / "dvc.lock")
+    assert mlflow_run.data.params["train.model"] == "tf_efficientnet_lite0"
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    assert mlflow_run.data.params["data.source"] == params["data"]["source"]
+    assert {"test/accuracy", "test/log_loss", "test/ece", "behaviour/flip_stability"} <= set(logged)
+    assert len(client.get_metric_history(info["run_id"], "val/loss")) == 2, "one point per epoch"
+    artifacts = {a.path for a in client.list_artifacts(info["run_id"])}
+    assert {"evaluation", "model_files", "data"} <= artifacts
+    data_files = {a.path for a in client.list_artifacts(info["run_id"], "data")}
+    assert "data/validation.json" in data_files
+    mlflow.set_tracking_uri(info["tracking_uri"])
+    model = mlflow.models.get_model_info(tags["model_uri"])
+    assert model.signature.inputs.inputs[0].shape == (-1, 3, 96, 96)
+
+
+def execute_notebook(root: Path, tracking_uri: str) -> str:
+    """Run the comparison notebook against a project's MLflow store; returns all its text outputs."""
+    notebook = nbformat.read(REPO / "notebooks" / "compare_experiments.ipynb", as_version=4)
+    env = {"MLFLOW_TRACKING_URI": tracking_uri, "CATDOG_ROOT": str(root)}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        NotebookClient(
+            notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": root}}
+        ).execute()
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    texts = []
+    for cell in notebook.cells:
+        for output in cell.get("outputs", []):
+            texts.append(output.get("text", ""))
+            texts.extend(str(v) for v in output.get("data", {}).values())
+    return "\n".join(texts)
+
+
+def test_a_dvc_experiment_reruns_only_what_changed_and_the_notebook_compares_the_runs(flowed, source_folder):
+    root = flowed["root"]
+    info = json.loads((root / "models" / "mlflow_run.json").read_text())
+    experiment = run(
+        root, "dvc", "exp", "run", "-S", "train.model=simple_cnn", env={"DATA_SOURCE": str(source_folder)}
+    )
+    ran = {stage for stage in STAGES if f"Running stage '{stage}'" in experiment.stdout}
+    assert {"train", "evaluate", "export"} <= ran
+    assert not ran & {"ingest", "validate", "prepare", "baselines"}, "the data stages are cached"
+    mlflow.set_tracking_uri(info["tracking_uri"])
+    runs = mlflow.search_runs(experiment_ids=[info["experiment_id"]], search_all_experiments=False)
+    assert sorted(runs["params.train.model"]) == ["simple_cnn", "tf_efficientnet_lite0"]
+    assert runs["metrics.test/accuracy"].notna().all()
+
+    outputs = execute_notebook(root, info["tracking_uri"])
+    assert "simple_cnn (this run's model)" in outputs and "linear_probe" in outputs
+    assert "tf_efficientnet_lite0" in outputs, "the table of every run lists the default model's run too"
+    assert outputs.count("final val-train loss gap") == 2
+
+
 def test_a_failed_quality_gate_is_not_retried_and_production_is_unchanged(
     flowed, source_folder, web, monkeypatch
 ):
     root = flowed["root"]
     monkeypatch.setenv(ALERT_URLS_ENV, web.url("/api/webhooks/42/t0ken"))
     before = json.loads((root / "models" / "registry.json").read_text())
+    aliases = open_registry(Project(root)).aliases()
 
     state = pipeline(
         root=str(root), source=str(source_folder), params={"evaluate.max_log_loss": 0.001}, return_state=True
@@ -219,7 +316,7 @@ def test_a_failed_quality_gate_is_not_retried_and_production_is_unchanged(
     assert yaml.safe_load((root / "params.yaml").read_text())["evaluate"]["max_log_loss"] == 0.001
     assert champion(root) == "1"
     assert json.loads((root / "models" / "registry.json").read_text()) == before
-    assert open_registry(Project(root)).aliases() == {"challenger": "1", "champion": "1"}
+    assert open_registry(Project(root)).aliases() == aliases and aliases["champion"] == "1"
     [post] = web.posts
     assert "'evaluate'" in post["json"]["content"] and "quality gate failed" in post["json"]["content"]
 
@@ -339,3 +436,21 @@ def test_serve_registers_the_scheduled_deployments(flowed, tmp_path):
         process.terminate()
         process.wait(30)
         log.close()
+
+
+def test_alert_urls_can_live_in_a_prefect_secret_block_and_a_failing_webhook_only_logs(
+    prefect_api, web, monkeypatch, caplog
+):
+    from prefect.blocks.system import Secret
+
+    monkeypatch.delenv(ALERT_URLS_ENV, raising=False)
+    assert alerts.configured_urls() == []
+    Secret(value=web.url("/api/webhooks/9/from-block")).save(alerts.DEFAULT_SECRET_BLOCK, overwrite=True)
+    try:
+        assert alerts.configured_urls() == [web.url("/api/webhooks/9/from-block")]
+        web.post_status = 500
+        assert alerts.send(title="t", body="boom", failure=True, timeout_seconds=5) is False
+        assert [post["path"] for post in web.posts] == ["/api/webhooks/9/from-block"]
+        assert "did not accept the alert" in caplog.text
+    finally:
+        Secret(value="").save(alerts.DEFAULT_SECRET_BLOCK, overwrite=True)

@@ -3,6 +3,11 @@
 Writes metrics/evaluate.json (DVC metrics), plots/evaluate/*.csv (DVC plots data), PNG figures and a
 gallery of the worst misclassifications under reports/evaluate/, and fails when a floor in params.yaml
 (evaluate.min_accuracy, min_f1, max_log_loss) is not met, so a bad model never reaches the registry.
+
+For backbones with an ImageNet head it also measures the out-of-distribution score (catdog.ood, the same
+function as the exported graph's `pet_score`): the threshold calibrated on the validation split as the export
+stage does (export.ood), and the share of real test pets and of real non-pet pictures (the bundled
+skimage.data images of catdog.ood.SKIMAGE_NON_PETS) it flags.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import csv
 import json
 import logging
 import random
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,13 +24,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from catdog import metrics, plots, preprocessing, tracking
+from catdog import metrics, ood, plots, preprocessing, tracking
 from catdog.config import EvaluateParams, Project
 from catdog.errors import raise_failed_gates
-from catdog.inference import Transform, predict_paths
+from catdog.inference import Transform, image_batches, predict_paths
 from catdog.stages import baselines
 from catdog.stages.prepare import load_split
-from catdog.training.checkpoint import load_classifier
+from catdog.training.checkpoint import load_classifier, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +110,15 @@ def run(root: Path | None = None) -> dict:
     project = Project(root)
     paths, params = project.paths, project.params.evaluate
     model, config, names = load_classifier(paths.model_checkpoint)
+    model_name = str(read_checkpoint(paths.model_checkpoint)["hyper_parameters"]["model_name"])
+    head = ood.imagenet_head(model_name) if project.params.export.ood.enabled else None
     test_paths, y = load_split(paths.processed, "test", names)
-    proba = predict_paths(model, test_paths, config, params.batch_size)
+    if head is None:
+        proba, test_scores = predict_paths(model, test_paths, config, params.batch_size), None
+    else:
+        proba, test_scores = ood.probabilities_and_scores(
+            model, head, image_batches(test_paths, config, params.batch_size)
+        )
     test = metrics.classification_metrics(y, proba)
 
     subset = list(range(len(test_paths)))
@@ -120,6 +133,7 @@ def run(root: Path | None = None) -> dict:
         "confusion_matrix": {"labels": list(names), "matrix": matrix},
         "images": len(test_paths),
         "gates": gates(test, params),
+        "ood": out_of_distribution(project, model, head, config, test_scores, names),
     }
     result["passed"] = all(g["passed"] for g in result["gates"].values())
     result["comparison"] = compare(test, baselines.load_results(paths.baselines_metrics))
@@ -133,6 +147,47 @@ def run(root: Path | None = None) -> dict:
     )
     raise_failed_gates(result["gates"], "model evaluation", paths.evaluate_metrics)
     return result
+
+
+def out_of_distribution(
+    project: Project,
+    model: torch.nn.Module,
+    head: torch.nn.Module | None,
+    config: preprocessing.PreprocessConfig,
+    test_scores: np.ndarray | None,
+    names: list[str],
+) -> dict:
+    """Flagged shares of real pets (test split) and real non-pets (skimage.data) at the threshold calibrated
+    on the validation split, as the export stage calibrates it."""
+    if head is None or test_scores is None:
+        return {"enabled": False}
+    params, batch = project.params.export.ood, project.params.evaluate.batch_size
+    val_paths, _ = load_split(project.paths.processed, "val", names)
+    _, val_scores = ood.probabilities_and_scores(model, head, image_batches(val_paths, config, batch))
+    threshold = ood.calibrate_threshold(
+        val_scores, params.pet_quantile, params.min_threshold, params.max_threshold
+    )
+    pictures = ood.skimage_non_pets()
+    with tempfile.TemporaryDirectory(prefix="catdog-ood-") as folder:
+        files = ood.save_pictures(pictures, Path(folder))
+        _, non_pet = ood.probabilities_and_scores(model, head, image_batches(files, config, batch))
+    return {
+        "enabled": True,
+        "definition": ood.DEFINITION,
+        "threshold": threshold,
+        "val_pets": len(val_scores),
+        "flagged_val_pets": ood.flagged_rate(val_scores, threshold),
+        "pets": len(test_scores),
+        "flagged_pets": ood.flagged_rate(test_scores, threshold),
+        "median_score_pets": float(np.median(test_scores)) if len(test_scores) else None,
+        "non_pets": len(non_pet),
+        "non_pet_source": "skimage.data: " + ", ".join(pictures)
+        if pictures
+        else "scikit-image not installed",
+        "flagged_non_pets": ood.flagged_rate(non_pet, threshold),
+        "median_score_non_pets": float(np.median(non_pet)) if len(non_pet) else None,
+        "non_pet_scores": {name: round(float(v), 6) for name, v in zip(pictures, non_pet, strict=True)},
+    }
 
 
 def compare(test: dict[str, float], baseline_results: dict) -> dict:
@@ -151,6 +206,10 @@ def log_to_mlflow(project: Project, result: dict) -> None:
     with tracking.resume_pipeline_run(project):
         tracking.log_metrics(result["test"], "test/")
         tracking.log_metrics(result["behaviour"], "behaviour/")
+        figures = result["ood"]
+        if figures["enabled"]:
+            keys = ("threshold", "flagged_pets", "flagged_non_pets", "flagged_val_pets")
+            tracking.log_metrics({key: figures[key] for key in keys if figures[key] is not None}, "ood/")
         for name, test in result["comparison"]["models"].items():
             if name != "fine_tuned":
                 tracking.log_metrics(test, f"baseline/{name}/")

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from catdog import export, image_stats, onnx_model, quantize, tracking
+from catdog import export, image_stats, onnx_model, ood, quantize, tracking
 from catdog.config import Project
 from catdog.errors import CatdogError
 from catdog.lineage import data_version, git_state
@@ -112,6 +112,7 @@ def export_checked(project: Project) -> dict[str, Any]:
     paths, params = project.paths, project.params.export
     model, config, class_names = load_classifier(paths.model_checkpoint)
     hparams = read_checkpoint(paths.model_checkpoint)["hyper_parameters"]
+    head = ood.imagenet_head(str(hparams["model_name"])) if params.ood.enabled else None
     origin = lineage(project)
     partial = partial_path(paths.onnx_model)
     started = time.perf_counter()
@@ -122,6 +123,7 @@ def export_checked(project: Project) -> dict[str, Any]:
             partial,
             onnx_metadata(str(hparams["model_name"]), config, class_names, origin),
             params.opset,
+            head,
         )
         seconds = time.perf_counter() - started
         sess = onnx_model.session(partial)
@@ -130,6 +132,14 @@ def export_checked(project: Project) -> dict[str, Any]:
         inputs = export.load_inputs(test, config)
         difference = export.parity_difference(model, sess, inputs)
         export.check_parity(difference, params.parity_tolerance, len(inputs))
+        score_difference = None
+        if head is not None:
+            score_difference = export.score_parity_difference(model, head, sess, inputs)
+            export.check_parity(score_difference, params.parity_tolerance, len(inputs), "pet_score")
+        val = split_outputs(project, sess, split_paths(project, rows, "val"), config)
+        calibration = ood_calibration(project, val, rows, class_names) if head is not None else None
+        if calibration is not None:
+            export.add_metadata(partial, {onnx_model.OOD_KEY: json.dumps(calibration)})
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
@@ -147,8 +157,55 @@ def export_checked(project: Project) -> dict[str, Any]:
         "parity": {
             "images": len(inputs),
             "max_abs_diff": difference,
+            **({} if score_difference is None else {"pet_score_max_abs_diff": score_difference}),
             "tolerance": params.parity_tolerance,
             "passed": True,
+        },
+        "val_probabilities": val["probabilities"],
+        "ood": calibration,
+    }
+
+
+def split_outputs(
+    project: Project, sess: ort.InferenceSession, files: list[Path], config: PreprocessConfig
+) -> dict[str, Any]:
+    """Probabilities (N, classes) and, when the model has it, pet scores (N,) of image files from one
+    onnxruntime pass, export.batch_size at a time."""
+    scored = onnx_model.has_score(sess)
+    probabilities, scores = [], []
+    for batch in export.path_batches(files, config, project.params.export.batch_size):
+        probs, score = onnx_model.predict(sess, batch, scored)
+        probabilities.append(probs)
+        if score is not None:
+            scores.append(score)
+    return {
+        "probabilities": np.concatenate(probabilities) if probabilities else np.zeros((0, 2), np.float32),
+        "scores": np.concatenate(scores) if scores else None if not scored else np.zeros(0, np.float32),
+    }
+
+
+def ood_calibration(
+    project: Project, val: dict[str, Any], rows: list[dict[str, str]], class_names: list[str]
+) -> dict[str, Any]:
+    """The out-of-distribution score's threshold, calibrated on the validation split (all of it is pets),
+    and its definition: the ONNX metadata `ood`."""
+    params = project.params.export.ood
+    scores = val["scores"]
+    threshold = ood.calibrate_threshold(
+        scores, params.pet_quantile, params.min_threshold, params.max_threshold
+    )
+    return {
+        "output": onnx_model.SCORE_NAME,
+        "definition": ood.DEFINITION,
+        "threshold": round(threshold, 6),
+        "calibration": {
+            "split": "val",
+            "images": len(scores),
+            "pet_quantile": params.pet_quantile,
+            "min_threshold": params.min_threshold,
+            "max_threshold": params.max_threshold,
+            "val_flagged": ood.flagged_rate(scores, threshold),
+            "val_median_score": float(np.median(scores)) if len(scores) else None,
         },
     }
 
@@ -157,19 +214,13 @@ def held_out(project: Project, exported: dict[str, Any]) -> dict[str, Any]:
     """The test split's files, their class indices (labels.json order) and the fp32 ONNX probabilities."""
     rows = [row for row in exported["rows"] if row["split"] == "test"]
     files = [project.paths.processed / row["path"] for row in rows]
+    outputs = split_outputs(project, exported["session"], files, exported["config"])
     return {
         "paths": files,
         "y_true": np.asarray([exported["class_names"].index(row["label"]) for row in rows], dtype=np.int64),
-        "fp32": split_probabilities(project, exported["session"], files, exported["config"]),
+        "fp32": outputs["probabilities"],
+        "fp32_scores": outputs["scores"],
     }
-
-
-def split_probabilities(
-    project: Project, sess: ort.InferenceSession, files: list[Path], config: PreprocessConfig
-) -> np.ndarray:
-    """Class probabilities of image files from an onnxruntime session, export.batch_size at a time."""
-    batches = export.path_batches(files, config, project.params.export.batch_size)
-    return export.onnx_probabilities(sess, batches)
 
 
 def quantize_model(project: Project, exported: dict[str, Any], test: dict[str, Any]) -> dict[str, Any]:
@@ -184,13 +235,19 @@ def quantize_model(project: Project, exported: dict[str, Any], test: dict[str, A
     reader = quantize.ImageCalibrationReader(calibration, exported["config"])
     quantize.quantize_int8(paths.onnx_model, target, reader, params.per_channel)
     sess = onnx_model.session(target)
-    int8 = split_probabilities(project, sess, test["paths"], exported["config"])
+    outputs = split_outputs(project, sess, test["paths"], exported["config"])
+    int8 = outputs["probabilities"]
     block = {
         "enabled": True,
         **quantize.settings(params.per_channel, len(calibration)),
         "int8_size_mb": export.model_size_mb(target),
         **quantize.comparison(test["y_true"], test["fp32"], int8, params.max_accuracy_drop),
     }
+    if test["fp32_scores"] is not None:
+        if outputs["scores"] is None:
+            raise CatdogError(f"the int8 model lost the {onnx_model.SCORE_NAME} output")
+        diff = np.abs(outputs["scores"] - test["fp32_scores"])
+        block["max_abs_pet_score_diff"] = round(float(diff.max()), 6) if len(diff) else 0.0
     if not block["approved"]:
         log.warning(
             "the int8 model loses %.2f points of test accuracy (limit %g): not approved for serving",
@@ -260,10 +317,7 @@ def reference_statistics(project: Project, exported: dict[str, Any]) -> dict[str
     sizes = original_sizes(paths.validation_images)
     originals = [sizes.get(row.get("source") or "") for row in rows]
     properties = export.image_rows([paths.processed / row["path"] for row in rows], config, originals)
-    val = split_paths(project, exported["rows"], "val")
-    probabilities = export.onnx_probabilities(
-        exported["session"], export.path_batches(val, config, params.batch_size)
-    )
+    probabilities = exported["val_probabilities"]
     return {
         "preprocessing": json.loads(config.to_json()),
         "images": {
@@ -318,12 +372,30 @@ def measure(project: Project, exported: dict[str, Any], started: float) -> dict[
         "onnxruntime": {"version": ort.__version__, "cpu_cores": available_cores(), **speed["fp32"]},
         "onnx_test": {"images": len(test["y_true"]), **quantize.figures(test["y_true"], test["fp32"])},
         "quantization": quantization_block(quantized, speed),
+        "ood": ood_block(exported, test),
         "reference_images": reference["images"]["count"],
         "reference_predictions": reference["predictions"]["count"],
         "seconds": round(time.perf_counter() - started, 2),
     }
     export.write_json(metrics, paths.export_metrics)
     return metrics
+
+
+def ood_block(exported: dict[str, Any], test: dict[str, Any]) -> dict[str, Any]:
+    """metrics/export.json's out-of-distribution block: the threshold and the test pets it flags."""
+    calibration = exported["ood"]
+    if calibration is None:
+        return {"enabled": False}
+    scores = test["fp32_scores"]
+    return {
+        "enabled": True,
+        "output": calibration["output"],
+        "threshold": calibration["threshold"],
+        **calibration["calibration"],
+        "test_images": len(scores),
+        "test_flagged": ood.flagged_rate(scores, calibration["threshold"]),
+        "test_median_score": float(np.median(scores)) if len(scores) else None,
+    }
 
 
 def log_to_mlflow(project: Project, exported: dict[str, Any], metrics: dict[str, Any]) -> None:
@@ -337,7 +409,7 @@ def log_to_mlflow(project: Project, exported: dict[str, Any], metrics: dict[str,
             tracking.log_metrics({"approved": int(quantization["approved"])}, "export/quantization/")
         tracking.log_files(files, "model_files")
         model_uri = tracking.log_onnx_model(
-            paths.onnx_model, exported["config"].size, export.OUTPUT_NAMES, [paths.int8_model, *files]
+            paths.onnx_model, exported["config"].size, [paths.int8_model, *files]
         )
     log.info("MLflow model %s", model_uri)
 
@@ -395,11 +467,40 @@ def _model_section(exported: dict[str, Any], metrics: dict[str, Any]) -> list[st
         "mode to 8-bit RGB, alpha on white).",
         f"- Format: ONNX opset {metrics['opset']}, float32, one self-contained file of "
         f"{metrics['onnx_size_mb']} MB; input `image` (batch, 3, {config.size}, {config.size}), outputs "
-        "`probabilities` (softmax) and `logits`, both (batch, 2). The metadata holds `labels`, "
-        "`preprocessing`, `model_name`, `data_version`, `git_commit`, `precision` and `metrics` (test "
-        "figures).",
+        "`probabilities` (softmax) and `logits`, both (batch, 2)"
+        + (", and `pet_score` (batch,)" if metrics["ood"]["enabled"] else "")
+        + ". The metadata holds `labels`, `preprocessing`, `model_name`, `data_version`, `git_commit`, "
+        "`precision`, `metrics` (test figures)" + (" and `ood`" if metrics["ood"]["enabled"] else "") + ".",
         "",
     ]
+
+
+def _ood_section(metrics: dict[str, Any]) -> list[str]:
+    block = metrics["ood"]
+    header = ["## Out-of-distribution warning", ""]
+    if not block["enabled"]:
+        return [
+            *header,
+            "None: this architecture has no ImageNet classifier to score with (or export.ood.enabled is "
+            "false); the service reports `in_distribution` null.",
+            "",
+        ]
+    return [
+        *header,
+        f"- `pet_score`: {ood.DEFINITION}.",
+        f"- Threshold {block['threshold']:.4f}: the {block['pet_quantile']:g} quantile of the score on "
+        f"{block['images']} validation pets, clipped to [{block['min_threshold']:g}, "
+        f"{block['max_threshold']:g}]. Below it the service flags the picture as not a cat or a dog "
+        "(`in_distribution.flag` false) and still returns the binary answer.",
+        f"- Flagged: {_share(block['val_flagged'])} of validation pets, {_share(block['test_flagged'])} of "
+        f"{block['test_images']} test pets. The evaluate stage reports the share of real non-pet photos "
+        "flagged (metrics/evaluate.json `ood`).",
+        "",
+    ]
+
+
+def _share(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
 
 
 def _data_section(project: Project, exported: dict[str, Any]) -> list[str]:
@@ -544,7 +645,8 @@ USE_AND_LIMITS = [
     "",
     "- It answers cat or dog for ANY picture: a photo with no pet, with both, with another animal, a "
     "drawing or a screenshot still gets one of the two labels, often with high confidence. There is no "
-    "'neither' class and no out-of-distribution detection.",
+    "'neither' class; the out-of-distribution score (below) warns about most such pictures, but not all, "
+    "and flags a few real pets.",
     "- Trained on the Kaggle PetImages photos: mostly amateur, upright, daylight photos with one animal "
     "near the centre. Other domains (cartoons, night or infrared cameras, extreme close-ups, unusual breeds) "
     "may be classified worse than the test figures suggest.",
@@ -573,6 +675,7 @@ def model_card(project: Project, exported: dict[str, Any], metrics: dict[str, An
         *_evaluation_sections(project),
         *_runtime_section(metrics),
         *_quantization_section(metrics),
+        *_ood_section(metrics),
         *USE_AND_LIMITS,
         "## Lineage",
         "",
