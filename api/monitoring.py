@@ -113,6 +113,13 @@ class DriftDetector:
         """One image's properties (and confidence); names it lacks count as missing."""
         self._rows.append(tuple(float(values.get(name, math.nan)) for name in MONITORED))
 
+    def rows(self) -> list[dict[str, float | None]]:
+        """The window's per-image values, oldest first (missing values as None)."""
+        return [
+            {name: (v if math.isfinite(v) else None) for name, v in zip(MONITORED, row, strict=True)}
+            for row in self._rows
+        ]
+
     def report(self) -> dict[str, Any]:
         """The window, each name's PSI, verdict and reference/live summaries, and the overall verdict."""
         live = np.asarray(self._rows, dtype=np.float64).reshape(-1, len(MONITORED))
@@ -231,6 +238,18 @@ class DriftMonitor:
             report = self._report()
             self._publish(report)
         return report
+
+    def window(self) -> dict[str, Any]:
+        """The properties (and confidence) of the images in the window: numbers only, no pixels, no names."""
+        with self._lock:
+            rows = self._detector.rows() if self._detector is not None else []
+            return {
+                "model_version": self._version,
+                "window": self.settings.drift_window,
+                "images": len(rows),
+                "properties": list(MONITORED),
+                "rows": rows,
+            }
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:

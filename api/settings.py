@@ -90,6 +90,11 @@ class Settings(BaseSettings):
         "many, with at least 75 reference values each (with k bins, PSI of an undrifted window of n images "
         "is about (k-1)/n).",
     )
+    monitoring_expose_window: bool = Field(
+        default=False,
+        description="Serve the drift window's per-image properties (never pixels, names or request ids) at "
+        "GET /monitoring/window, admin key required, for `python -m catdog drift-report`; off = 404.",
+    )
     feedback_db: str = Field(
         default="data/feedback.db",
         description="SQLite file keeping every prediction by request id for POST /feedback; empty = none.",

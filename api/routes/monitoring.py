@@ -1,11 +1,16 @@
-"""POST /feedback, GET /monitoring/performance and /monitoring/drift: ground truth, live accuracy, drift."""
+"""POST /feedback, GET /monitoring/performance, /monitoring/drift and /monitoring/window: ground truth, live
+accuracy, drift, and (MONITORING_EXPOSE_WINDOW, admin key) the drift window's per-image properties."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from typing import Annotated
+
+from fastapi import APIRouter, Request, Security
+from pydantic import BaseModel, Field
 
 from api import errors
-from api.deps import DriftDep, FeedbackDep
+from api.deps import DriftDep, FeedbackDep, SettingsDep, admin_key_header, require_admin
+from api.errors import ApiError
 from api.schemas import DriftReport, FeedbackIn, FeedbackOut, PerformanceReport
 
 router = APIRouter(tags=["monitoring"])
@@ -47,3 +52,37 @@ async def drift(monitor: DriftDep) -> DriftReport:
     """PSI of each image property and of the model's confidence over the last DRIFT_WINDOW predicted images
     against the served model's reference statistics; drift is judged from DRIFT_MIN_IMAGES images on."""
     return DriftReport.model_validate(monitor.report())
+
+
+class DriftWindow(BaseModel):
+    model_version: str | None = Field(description="The served model the window belongs to.")
+    window: int = Field(description="DRIFT_WINDOW: the most recent images kept.")
+    images: int = Field(description="Images in the window now (rows).")
+    properties: list[str] = Field(description="The names every row has, in order.")
+    rows: list[dict[str, float | None]] = Field(
+        description="One per image, oldest first: its properties and the model's confidence (null when "
+        "unmeasurable). Numbers only: no pixels, file names or request ids."
+    )
+
+
+@router.get(
+    "/monitoring/window",
+    response_model=DriftWindow,
+    summary="The drift window's per-image properties (for the deepchecks drift report)",
+    responses=errors.responses(401, 403, 404),
+)
+async def window(
+    monitor: DriftDep, settings: SettingsDep, key: Annotated[str | None, Security(admin_key_header)] = None
+) -> DriftWindow:
+    """The properties of the images now in the drift window, for `python -m catdog drift-report`. 404 unless
+    MONITORING_EXPOSE_WINDOW is true; then the admin key is required (401 without it, 403 with a wrong one or
+    when ADMIN_API_KEY is unset). The window is empty while the model has no reference statistics."""
+    if not settings.monitoring_expose_window:
+        raise ApiError(
+            404,
+            "window_not_exposed",
+            "the drift window is not exposed: set MONITORING_EXPOSE_WINDOW=true (and ADMIN_API_KEY) "
+            "to enable it",
+        )
+    require_admin(settings, key)
+    return DriftWindow.model_validate(monitor.window())

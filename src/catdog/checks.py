@@ -3,7 +3,7 @@
 deepchecks' vision module needs the [vision] extra (pytorch-ignite and more), so the pictures are described by
 catdog.image_stats properties (one row per image) and checked with deepchecks.tabular; the model suite takes
 the evaluation's pre-computed probabilities, so no model object is needed. Replace this module to change
-the tool: the stage only needs `run_suites` and `FEATURES`.
+the tool: the stage only needs `run_suites` and `FEATURES`, `catdog drift-report` only `run_drift`.
 
 Only the conditions configured in params.yaml (`checks`) are gates; deepchecks' own default conditions on the
 other checks are reported (gate false) and never fail the stage.
@@ -117,8 +117,10 @@ def _model_evaluation(params: ChecksParams) -> Any:
     from deepchecks.tabular import Suite, checks
 
     performance = _gated(checks.SingleDatasetPerformance(scorers=["recall_per_class", "f1_per_class"]))
-    performance.add_condition_greater_than(params.min_class_recall, metrics=["recall"])
-    performance.add_condition_greater_than(params.min_class_f1, metrics=["f1"])
+    if params.min_class_recall > 0:  # 0 = no floor (deepchecks' condition is a strict "greater than")
+        performance.add_condition_greater_than(params.min_class_recall, metrics=["recall"])
+    if params.min_class_f1 > 0:
+        performance.add_condition_greater_than(params.min_class_f1, metrics=["f1"])
     calibration = _gated(checks.CalibrationScore())
     calibration.add_condition(
         f"Brier score <= {params.max_brier_score}", _brier_at_most(params.max_brier_score)
@@ -213,3 +215,69 @@ def run_suites(
             result.save_as_html(str(report), as_widget=False)
             outcomes.append(_outcome(name, result, gated, report))
         return outcomes
+
+
+def _feature_drift(
+    reference: pd.DataFrame, current: pd.DataFrame, columns: list[str], params: ChecksParams
+) -> Any:
+    from deepchecks.tabular import Dataset, checks
+
+    check = checks.FeatureDrift(min_samples=params.min_samples, n_top_columns=len(columns))
+    check.add_condition_drift_score_less_than(
+        max_allowed_categorical_score=params.max_feature_drift,
+        max_allowed_numeric_score=params.max_feature_drift,
+    )
+
+    def dataset(table: pd.DataFrame) -> Any:
+        return Dataset(table[columns].astype("float64").reset_index(drop=True), cat_features=[])
+
+    return check.run(dataset(reference), dataset(current))
+
+
+def run_drift(
+    reference: pd.DataFrame,
+    current: pd.DataFrame,
+    features: list[str],
+    params: ChecksParams,
+    out_dir: Path,
+    confidence_reference: pd.Series | None = None,
+) -> dict[str, Any]:
+    """deepchecks FeatureDrift (Kolmogorov-Smirnov) of each of `features`, `reference` rows (the training
+    images) vs `current` rows (production images), saved as out_dir/drift_report.html; and, given a per-image
+    reference confidence (the evaluation's test predictions), the same check on the model's confidence, saved
+    as out_dir/confidence_drift.html. Returns {"reports": [...], "properties": {name: {"score", "method",
+    "threshold", "drifted"}}}; a property drifted when its score is over params.max_feature_drift."""
+    runs: list[tuple[str, pd.DataFrame, pd.DataFrame, list[str]]] = [
+        ("drift_report", reference, current, features)
+    ]
+    if confidence_reference is not None and "confidence" in current:
+        runs.append(
+            (
+                "confidence_drift",
+                pd.DataFrame({"confidence": confidence_reference.dropna().to_numpy()}),
+                current[["confidence"]].dropna(),
+                ["confidence"],
+            )
+        )
+    with _quiet_and_compatible():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name, *_ in runs:
+            (out_dir / f"{name}.html").unlink(missing_ok=True)  # save_as_html never overwrites
+        properties: dict[str, dict[str, Any]] = {}
+        reports = []
+        for name, ref, cur, columns in runs:
+            result = _feature_drift(ref, cur, columns, params)
+            report = out_dir / f"{name}.html"
+            result.save_as_html(str(report), as_widget=False)
+            reports.append(str(report))
+            for column in columns:
+                value = result.value.get(column) or {}
+                score = value.get("Drift score")
+                score = float(score) if score is not None and math.isfinite(float(score)) else None
+                properties[column] = {
+                    "score": score,
+                    "method": value.get("Method"),
+                    "threshold": params.max_feature_drift,
+                    "drifted": score is not None and score > params.max_feature_drift,
+                }
+    return {"reports": reports, "properties": properties}

@@ -102,6 +102,28 @@ def checks(root: Path | None = RootOption) -> None:
     run(root)
 
 
+@app.command("drift-report")
+def drift_report(
+    root: Path | None = RootOption,
+    url: str | None = typer.Option(None, "--url", help="The service, e.g. http://host:8000."),
+    api_key: str | None = typer.Option(
+        None, "--api-key", help="The service's admin key (default: $ADMIN_API_KEY)."
+    ),
+    window: Path | None = typer.Option(
+        None, "--window", help="A saved window (JSON of GET /monitoring/window) instead of --url."
+    ),
+    save_window: Path | None = typer.Option(None, "--save-window", help="Also save the fetched window here."),
+    out: Path | None = typer.Option(None, "--out", help="Report folder (default: reports/drift)."),
+    min_images: int | None = typer.Option(
+        None, "--min-images", help="Fewest window images (default: checks.min_samples)."
+    ),
+) -> None:
+    """deepchecks drift of the service's recent inputs (GET /monitoring/window) vs the training split."""
+    from catdog.drift_report import run
+
+    run(root, url, api_key, window, out, save_window, min_images)
+
+
 @app.command()
 def register(root: Path | None = RootOption) -> None:
     """Register the exported model as a new version of the registered model (alias challenger)."""
