@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from catdog.errors import CatdogError
+from catdog.cli import run_cli
 
 app = typer.Typer(
     name="flows",
@@ -71,11 +71,7 @@ def serve(root: Path | None = RootOption) -> None:
 
 
 def main() -> None:
-    try:
-        app()
-    except CatdogError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+    run_cli(app)
 
 
 if __name__ == "__main__":

@@ -74,9 +74,11 @@ class DriftWindow(BaseModel):
 async def window(
     monitor: DriftDep, settings: SettingsDep, key: Annotated[str | None, Security(admin_key_header)] = None
 ) -> DriftWindow:
-    """The properties of the images now in the drift window, for `python -m catdog drift-report`. 404 unless
-    MONITORING_EXPOSE_WINDOW is true; then the admin key is required (401 without it, 403 with a wrong one or
-    when ADMIN_API_KEY is unset). The window is empty while the model has no reference statistics."""
+    """The properties of the images now in the drift window, for `python -m catdog drift-report`. The admin
+    key is required first (401 without it, 403 with a wrong one or when ADMIN_API_KEY is unset); then 404
+    unless MONITORING_EXPOSE_WINDOW is true. The window is empty while the model has no reference
+    statistics."""
+    require_admin(settings, key)
     if not settings.monitoring_expose_window:
         raise ApiError(
             404,
@@ -84,5 +86,4 @@ async def window(
             "the drift window is not exposed: set MONITORING_EXPOSE_WINDOW=true (and ADMIN_API_KEY) "
             "to enable it",
         )
-    require_admin(settings, key)
     return DriftWindow.model_validate(monitor.window())

@@ -195,13 +195,17 @@ def summary(root: Path | None = RootOption) -> None:
     print(render(Project(root)))
 
 
-def main() -> None:
-    """Run the CLI; a CatdogError becomes one clear message and its exit status (catdog.errors)."""
+def run_cli(cli: typer.Typer) -> None:
+    """Run a Typer CLI; a CatdogError becomes one clear message and its exit status (catdog.errors)."""
     try:
-        app()
+        cli()
     except CatdogError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
+
+
+def main() -> None:
+    run_cli(app)
 
 
 if __name__ == "__main__":

@@ -69,6 +69,8 @@ def project(served_project: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 def test_window_route_is_private_by_default_and_needs_the_admin_key(server, exposing) -> None:
     with server.client() as client:
         hidden = client.get("/monitoring/window", headers={"X-API-Key": ADMIN_KEY})
+        anonymous_hidden = client.get("/monitoring/window")
+    assert anonymous_hidden.status_code == 401  # the key is checked before the switch: no probing
     assert hidden.status_code == 404, hidden.text
     assert hidden.json()["error"]["code"] == "window_not_exposed"
     assert "MONITORING_EXPOSE_WINDOW" in hidden.json()["error"]["message"]

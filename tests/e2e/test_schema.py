@@ -17,7 +17,7 @@ CONFIG = Path(__file__).with_name("schemathesis.toml")
 
 def test_schemathesis_finds_no_failure(server_factory, exported_model: Path, tmp_path: Path) -> None:
     models = Path(shutil.copytree(exported_model, tmp_path / "models"))
-    server = server_factory(models / "model.onnx", MODEL_PRECISION="fp32")
+    server = server_factory(models / "model.onnx", MODEL_PRECISION="fp32", MONITORING_EXPOSE_WINDOW="true")
     command = [
         str(Path(sys.executable).with_name("schemathesis")),
         "--config-file",
@@ -35,7 +35,7 @@ def test_schemathesis_finds_no_failure(server_factory, exported_model: Path, tmp
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
-    assert "11/11" in done.stdout and " passed" in done.stdout
+    assert "12/12" in done.stdout and " passed" in done.stdout
     records = [json.loads(line) for line in server.log_lines()]
     served = [r for r in records if r.get("message") == "request" and r["route"] != "/ready"]
     assert len(served) > 200
