@@ -31,7 +31,7 @@ STOP_SERVICE = if [ -f .serve.pid ]; then kill $$(cat .serve.pid) 2>/dev/null ||
 SERVE_ENV = MODEL_URI="$${MODEL_URI:-$(SERVE_MODEL_URI)}" \
 	MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}"
 
-.PHONY: help install browser prometheus run flow flow-serve flow-watch promote rollback audit serve serve-bg stop test lint \
+.PHONY: help install browser prometheus run flow flow-serve flow-watch promote rollback audit smoke serve serve-bg stop test lint \
 	format mlflow-ui
 
 help: ## List the targets
@@ -84,6 +84,15 @@ serve-bg: install ## The service in the background (log reports/serve.log, pid .
 	@$(BIN)/python -c "import sys; from catdog.smoke import wait_ready; ok, why = wait_ready('http://127.0.0.1:$(PORT)', 120); \
 		print(f'service ready on http://localhost:$(PORT) ({why}); make stop ends it' if ok else f'service not ready: {why} (see reports/serve.log)'); \
 		sys.exit(0 if ok else 1)"
+
+# make smoke URL=...: one script for every deployed service (compose, staging, production, CD). By default one
+# test image per class that the evaluation labelled right (after `dvc repro` or `dvc pull`); SMOKE_ARGS overrides.
+# Needs only Python and prometheus-client: the project's venv when there is one, else $(PYTHON).
+SMOKE_ARGS ?= --predictions reports/evaluate/predictions.csv --processed data/processed --per-class 1
+SMOKE_PYTHON = $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
+smoke: ## Smoke-test a running service: make smoke URL=http://host:8000 (health, ready, labels, metrics)
+	@if [ -z "$(URL)" ]; then echo "usage: make smoke URL=http://host:8000 [SMOKE_ARGS='--images DIR']" >&2; exit 2; fi
+	PYTHONPATH=$(CURDIR)/src $(SMOKE_PYTHON) -m catdog.smoke "$(URL)" $(SMOKE_ARGS)
 
 stop: ## Stop the background service
 	@$(STOP_SERVICE)

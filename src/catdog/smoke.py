@@ -1,15 +1,20 @@
-"""Smoke test of a deployed prediction service: ready, the right labels on known images, safe on a bad
-upload, sane metrics. The promotion gate, docker compose and CD all call it.
+"""Smoke test of a deployed prediction service: alive, ready, the right labels on known images, safe on a
+bad upload, sane metrics. `make smoke URL=...`, the promotion gate, the container tests and CD all call it.
 
 It needs only the standard library and prometheus-client (both images have them):
 
     python -m catdog.smoke http://localhost:8000 --image cat.jpg=cat --image dog.jpg=dog
     python -m catdog.smoke http://localhost:8000 --images some/folder      # its cat/ and dog/ subfolders
+    python -m catdog.smoke http://localhost:8000 --predictions reports/evaluate/predictions.csv \
+        --processed data/processed --per-class 1   # test images the evaluation got right, confidently
+
+Exit status: 0 all checks passed, 1 a check failed (each one is printed), 2 bad arguments (no images).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 import time
@@ -82,6 +87,16 @@ def wait_ready(url: str, timeout: float) -> tuple[bool, str]:
     return False, detail
 
 
+def health(url: str) -> tuple[bool, str]:
+    """(alive, detail) from /health: 200 with status "ok"."""
+    try:
+        status, body = _request(f"{url}/health", timeout=10)
+        answer = json.loads(body or b"{}")
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        return False, str(exc)
+    return status == 200 and answer.get("status") == "ok", f"{status} {answer.get('status')}"
+
+
 def metric_samples(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -106,6 +121,7 @@ def run(
     url = url.rstrip("/")
     result = SmokeResult()
     ready, detail = wait_ready(url, timeout)
+    result.add("health", *health(url))
     if not result.add("ready", ready, detail):
         return result
     before = _predictions_total(metric_samples(url))
@@ -145,14 +161,33 @@ def run(
     return result
 
 
-def folder_cases(folder: Path) -> list[tuple[Path, str]]:
-    """Images in `folder`/<label>/ as (path, label)."""
-    return [
-        (path, sub.name.lower())
-        for sub in sorted(p for p in folder.iterdir() if p.is_dir())
-        for path in sorted(sub.iterdir())
-        if path.suffix.lower() in IMAGE_SUFFIXES
-    ]
+def folder_cases(folder: Path, per_class: int | None = None) -> list[tuple[Path, str]]:
+    """Images in `folder`/<label>/ as (path, label), the first `per_class` of each (all when None)."""
+    cases: list[tuple[Path, str]] = []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        images = sorted(path for path in sub.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES)
+        cases += [(path, sub.name.lower()) for path in images[:per_class]]
+    return cases
+
+
+def confident_cases(
+    predictions_csv: Path, processed: Path, per_class: int, min_confidence: float = 0.9
+) -> list[tuple[Path, str]]:
+    """Test images the evaluation stage labelled right with at least `min_confidence`, `per_class` of each
+    label (reports/evaluate/predictions.csv: path, label, predicted, p_<label>; paths under `processed`)."""
+    if not predictions_csv.is_file():
+        return []
+    with predictions_csv.open(newline="") as handle:
+        rows = sorted(csv.DictReader(handle), key=lambda row: row["path"])
+    cases: list[tuple[Path, str]] = []
+    for label in sorted({row["label"] for row in rows}):
+        good = [
+            row
+            for row in rows
+            if row["label"] == label == row["predicted"] and float(row[f"p_{label}"]) >= min_confidence
+        ]
+        cases += [(processed / row["path"], label) for row in good[:per_class]]
+    return cases
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,20 +195,51 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("url", help="the service's base URL, e.g. http://localhost:8000")
     parser.add_argument("--image", action="append", default=[], help="PATH=LABEL (repeatable)")
     parser.add_argument("--images", type=Path, help="a folder with one subfolder of images per label")
+    parser.add_argument(
+        "--predictions", type=Path, help="the evaluation's predictions.csv: its confident right answers"
+    )
+    parser.add_argument(
+        "--processed", type=Path, default=Path("data/processed"), help="where --predictions' paths are"
+    )
+    parser.add_argument("--per-class", type=int, help="images per label from --images/--predictions")
+    parser.add_argument(
+        "--min-confidence",
+        type=float,
+        default=0.9,
+        help="--predictions: least probability of the right label",
+    )
     parser.add_argument("--timeout", type=float, default=60, help="seconds to wait for /ready")
     parser.add_argument("--expect-version", help="the model version the service must report")
     args = parser.parse_args(argv)
     cases = [(Path(p), label) for p, _, label in (item.rpartition("=") for item in args.image)]
     if args.images:
-        cases += folder_cases(args.images)
+        if not args.images.is_dir():
+            print(f"error: --images {args.images}: not a folder", file=sys.stderr)
+            return 2
+        cases += folder_cases(args.images, args.per_class)
+    if args.predictions:
+        if not args.predictions.is_file():
+            print(
+                f"error: --predictions {args.predictions}: no such file (run evaluate or dvc pull)",
+                file=sys.stderr,
+            )
+            return 2
+        cases += confident_cases(args.predictions, args.processed, args.per_class or 1, args.min_confidence)
     missing = [str(path) for path, _ in cases if not path.is_file()]
     if not cases or missing:
-        print(f"error: no images given or not found: {', '.join(missing) or '(none)'}", file=sys.stderr)
+        print(f"error: no images given or not found: {', '.join(missing[:5]) or '(none)'}", file=sys.stderr)
         return 2
     result = run(args.url, cases, args.timeout, args.expect_version)
     for check in result.checks:
         print(f"{'ok  ' if check['passed'] else 'FAIL'} {check['check']}: {check['detail']}")
-    return 0 if result.passed else 1
+    if not result.passed:
+        print(
+            f"smoke test FAILED against {args.url}: {'; '.join(result.failures())}",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"smoke test passed against {args.url} ({len(cases)} images)")
+    return 0
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import socket
@@ -156,25 +155,6 @@ def latency_gate(model: OnnxModel, inputs: np.ndarray, gates: GateParams) -> Gat
         f"{speed['latency_ms_median']:.2f} ms, {gates.latency_runs} runs)"
     )
     return GateResult("latency", passed, detail, speed)
-
-
-def smoke_cases(
-    predictions_csv: Path, processed: Path, per_class: int, min_confidence: float
-) -> list[tuple[Path, str]]:
-    """Test images the evaluation classified right with at least `min_confidence`, `per_class` of each."""
-    if not predictions_csv.is_file():
-        return []
-    with predictions_csv.open(newline="") as handle:
-        rows = sorted(csv.DictReader(handle), key=lambda row: row["path"])
-    cases: list[tuple[Path, str]] = []
-    for label in CLASSES:
-        good = [
-            row
-            for row in rows
-            if row["label"] == label == row["predicted"] and float(row[f"p_{label}"]) >= min_confidence
-        ]
-        cases += [(processed / row["path"], label) for row in good[:per_class]]
-    return cases
 
 
 def free_port() -> int:

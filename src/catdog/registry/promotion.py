@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from catdog import export, tracking
+from catdog import export, smoke, tracking
 from catdog.config import CLASSES, Project
 from catdog.errors import CatdogError, QualityGateError
 from catdog.registry import CHALLENGER, CHAMPION, PREVIOUS, audit, gates
@@ -121,7 +121,7 @@ def run_gates(
             gates.schema_gate(candidate),
             gates.latency_gate(candidate, inputs, params),
         ]
-    cases = gates.smoke_cases(
+    cases = smoke.confident_cases(
         paths.evaluate_reports / "predictions.csv",
         paths.processed,
         params.smoke_images_per_class,
