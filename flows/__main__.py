@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -71,6 +72,8 @@ def serve(root: Path | None = RootOption) -> None:
 
 
 def main() -> None:
+    # Prefect gives its ephemeral API 20 s to start; a fresh PREFECT_HOME on two busy cores can need more.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     run_cli(app)
 
 
