@@ -32,7 +32,22 @@ SERVE_ENV = MODEL_URI="$${MODEL_URI:-$(SERVE_MODEL_URI)}" \
 	MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}"
 
 .PHONY: help install browser prometheus run flow flow-serve flow-watch promote rollback audit smoke serve serve-bg stop test lint \
-	format mlflow-ui
+	format mlflow-ui docker docker-stop image image-pipeline up down lint-deploy deploy
+
+# Containers (docker/README.md). `make image` builds IMAGE:TAG, `make image-pipeline` PIPELINE_IMAGE:TAG (CI: the
+# ghcr.io repository and the git SHA);
+# BASE_IMAGE: their base (default the Dockerfiles' official python tag; catdog-base:bookworm is the local one
+# `make docker` makes where Docker Hub cannot be reached); BAKE_MODEL: a folder (e.g. models) baked into the
+# serving image's /models. BuildKit when buildx is installed, else the classic builder.
+IMAGE ?= catdog-api
+PIPELINE_IMAGE ?= catdog-pipeline
+TAG ?= dev
+BASE_IMAGE ?=
+BAKE_MODEL ?=
+ENGINE := bash scripts/docker_engine.sh
+BUILDKIT = DOCKER_BUILDKIT=$${DOCKER_BUILDKIT:-$$(docker buildx version >/dev/null 2>&1 && echo 1 || echo 0)}
+DOCKER_BUILD = $(BUILDKIT) docker build $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE))
+COMPOSE = $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo "$(BIN)/docker-compose")
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -115,9 +130,40 @@ browser: ## Install Chromium for the web page's browser test (apt-get; a no-op w
 prometheus: ## Install Debian's prometheus package (promtool, prometheus) for the monitoring tests
 	@bash scripts/install_prometheus.sh
 
-test: install browser prometheus ## Lint, then the whole test suite (unit, integration, e2e)
+test: install browser prometheus docker ## Lint, then the whole test suite (unit, integration, e2e)
 	$(BIN)/ruff check .
 	$(BIN)/pytest || [ $$? -eq 5 ]
+
+docker: ## Install Docker + debootstrap (apt-get), start dockerd, make the local base image (catdog-base:bookworm)
+	@$(ENGINE) all || echo "docker: the container engine is not ready here: the container tests are skipped"
+
+docker-stop: ## Stop the dockerd that `make docker` started (not a system-managed engine)
+	@$(ENGINE) stop
+
+image: ## Build the serving image IMAGE:TAG (catdog-api:dev; BASE_IMAGE=..., BAKE_MODEL=models bakes the model in)
+	@$(ENGINE) start >/dev/null
+	$(DOCKER_BUILD) $(if $(BAKE_MODEL),--build-arg MODEL_DIR=$(BAKE_MODEL)) -t $(IMAGE):$(TAG) -f Dockerfile .
+	@docker image inspect -f '{{.Size}}' $(IMAGE):$(TAG) | awk '{printf "$(IMAGE):$(TAG): %.0f MB\n", $$1 / 1e6}'
+
+image-pipeline: ## Build the pipeline image PIPELINE_IMAGE:TAG (catdog-pipeline:dev; BASE_IMAGE=nvidia/cuda:... for GPUs)
+	@$(ENGINE) start >/dev/null
+	$(DOCKER_BUILD) -t $(PIPELINE_IMAGE):$(TAG) -f docker/pipeline.Dockerfile .
+
+up: ## The compose stack (api, api-staging, mlflow, prefect, prometheus, grafana...) in the background
+	@$(ENGINE) start >/dev/null
+	$(BUILDKIT) $(if $(BASE_IMAGE),BASE_IMAGE=$(BASE_IMAGE)) $(COMPOSE) up --detach
+	$(COMPOSE) ps
+
+down: ## Stop and remove the compose stack's containers (its named volumes, the data, are kept)
+	$(COMPOSE) down
+
+lint-deploy: install ## Lint the Dockerfiles, workflows, compose file, Kubernetes overlays and scripts
+	bash scripts/lint_deploy.sh
+
+deploy: ## Deploy to Kubernetes: make deploy ENV=staging|production TAG=<git sha> (apply, rollout, smoke, rollback)
+	@if [ -z "$(ENV)" ] || [ -z "$(TAG)" ] || [ "$(origin TAG)" = file ]; then \
+		echo "usage: make deploy ENV=staging|production TAG=<image tag>" >&2; exit 2; fi
+	bash scripts/deploy.sh "$(ENV)" "$(TAG)"
 
 lint: install ## ruff check and format check
 	$(BIN)/ruff check .
