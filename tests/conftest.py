@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 import yaml
+from projects import REPO_ROOT, copy_project, write_tiny_project
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_ENV = "TEST_DATA_DIR"
 SAMPLE_NAME = "cats_vs_dogs_sample"
 
@@ -115,36 +115,6 @@ def tiny_processed(sample_images_dir: Path, tmp_path_factory: pytest.TempPathFac
     return processed
 
 
-TINY_TRAIN = {
-    "model": "tf_efficientnet_lite0",
-    "image_size": 96,
-    "batch_size": 8,
-    "epochs_frozen": 2,
-    "epochs_unfrozen": 0,
-    "early_stopping_patience": None,
-    "progress_bar": False,
-    "accelerator": "cpu",
-    "feature_cache": {"enabled": True, "views": 1},
-}
-
-
-def write_tiny_project(root: Path, processed: Path, **sections: dict) -> Path:
-    """A project root with the repo's params.yaml (sections updated) and a copy of a processed dataset."""
-    import shutil
-
-    import yaml
-
-    root.mkdir(parents=True, exist_ok=True)
-    if not (root / "data" / "processed").exists():
-        shutil.copytree(processed, root / "data" / "processed")
-    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    params["train"].update(TINY_TRAIN)
-    for name, values in sections.items():
-        params.setdefault(name, {}).update(values)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    return root
-
-
 @pytest.fixture(scope="session")
 def trained_project(tiny_processed: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A project whose `train` stage ran (a tiny lite0 head on real photos); shared, so never modified."""
@@ -152,22 +122,6 @@ def trained_project(tiny_processed: Path, tmp_path_factory: pytest.TempPathFacto
 
     root = write_tiny_project(tmp_path_factory.mktemp("trained") / "project", tiny_processed)
     train.run(root)
-    return root
-
-
-def copy_project(source: Path, target: Path) -> Path:
-    """A copy of a project whose pipeline run points at the copy's own MLflow database (models/mlflow_run.json
-    names the store by absolute path), so later stages in the copy never write to the original's."""
-    import json
-    import shutil
-
-    root = Path(shutil.copytree(source, target, symlinks=True))
-    run_info = root / "models" / "mlflow_run.json"
-    if run_info.is_file():
-        info = json.loads(run_info.read_text())
-        if info["tracking_uri"].startswith("sqlite:///"):
-            info["tracking_uri"] = f"sqlite:///{root / 'mlflow.db'}"
-            run_info.write_text(json.dumps(info, indent=2) + "\n")
     return root
 
 

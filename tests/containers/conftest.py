@@ -15,6 +15,7 @@ import pytest
 from docker_cli import (
     API_IMAGE,
     BASE_IMAGE,
+    IMAGE_LIMIT_MB,
     REPO_ROOT,
     docker,
     engine_answers,
@@ -22,7 +23,6 @@ from docker_cli import (
     image_size,
 )
 
-IMAGE_LIMIT_MB = 500
 IMAGE_LABEL = "org.opencontainers.image.title=catdog-api"  # the serving image's runtime stage (Dockerfile)
 
 

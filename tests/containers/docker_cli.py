@@ -18,6 +18,7 @@ TEST_OVERRIDE = Path(__file__).resolve().parent / "compose.test.yml"
 # The locally made base (scripts/docker_engine.sh base-image) unless $CATDOG_BASE_IMAGE names another one.
 BASE_IMAGE = os.environ.get("CATDOG_BASE_IMAGE", "catdog-base:bookworm")
 API_IMAGE = os.environ.get("CATDOG_TEST_API_IMAGE", "catdog-api:test")
+IMAGE_LIMIT_MB = 500  # the goal for the serving image
 # Files of the serving image's /app/catdog: the service's imports (checked by test_image.py).
 SERVICE_MODULES = {"__init__.py", "preprocessing.py", "onnx_model.py", "image_stats.py", "smoke.py"}
 

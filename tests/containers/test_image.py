@@ -9,8 +9,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import IMAGE_LIMIT_MB
-from docker_cli import SERVICE_MODULES, docker, image_size, inspect, wait_healthy
+from docker_cli import IMAGE_LIMIT_MB, SERVICE_MODULES, docker, image_size, inspect, wait_healthy
 
 from catdog import smoke
 

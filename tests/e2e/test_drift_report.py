@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import copy_project
+from projects import copy_project
 from service_process import ADMIN_KEY, REPO_ROOT, free_port
 
 from api.monitoring import MONITORED

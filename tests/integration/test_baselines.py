@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import write_tiny_project
+from projects import write_tiny_project
 
 from catdog.stages import baselines
 

