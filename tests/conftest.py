@@ -14,6 +14,25 @@ from projects import REPO_ROOT, copy_project, write_tiny_project
 
 SAMPLE_ENV = "TEST_DATA_DIR"
 SAMPLE_NAME = "cats_vs_dogs_sample"
+# pytest-xdist (addopts: -n 2 --dist loadgroup) hands whole files to its two workers, in this order first: the
+# longest file (the Prefect flow's full pipeline runs, ~7 min) with a short one queued behind it, while the
+# other worker starts on the container tests (mostly waiting on Docker) and then takes the rest.
+FIRST = ("tests/integration/test_flow.py", "tests/containers/", "tests/unit/test_split.py")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """One xdist group per test file (tests/containers is one: its files share the engine and the image),
+    the files of FIRST first."""
+
+    def rank(item: pytest.Item) -> int:
+        return next((i for i, prefix in enumerate(FIRST) if item.nodeid.startswith(prefix)), len(FIRST))
+
+    items.sort(key=rank)
+    for item in items:
+        path = item.nodeid.split("::")[0]
+        group = "containers" if path.startswith("tests/containers/") else path
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 def find_sample() -> Path | None:

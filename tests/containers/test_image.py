@@ -5,6 +5,7 @@ turning healthy through its own HEALTHCHECK and passing the smoke test over loop
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from pathlib import Path
 
@@ -63,6 +64,36 @@ def test_the_image_is_under_the_size_limit(serving_image: str) -> None:
     size_mb = image_size(serving_image) / 1e6
     print(f"serving image {serving_image}: {size_mb:.0f} MB")
     assert size_mb < IMAGE_LIMIT_MB
+
+
+def normalized(name: str) -> str:
+    """A distribution name as PEP 503 compares them."""
+    return re.sub(r"[-_.]+", "-", name).strip().lower()
+
+
+def test_the_serving_environment_is_the_locks_serve_extra_without_torch(serving_image: str) -> None:
+    """The image's /opt/venv holds exactly what the lock pins for `serve`; its installed size is reported."""
+    script = (
+        "import json, pathlib, importlib.metadata as m; "
+        "root = pathlib.Path('/opt/venv'); "
+        "size = sum(f.stat().st_size for f in root.rglob('*') if f.is_file() and not f.is_symlink()); "
+        "print(json.dumps({'mb': size / 1e6, 'installed': sorted(d.metadata['Name'].lower() for d in "
+        "m.distributions(path=[str(next(root.glob('lib/python3*/site-packages')))])), "
+        "'pinned': (root / 'requirements.txt').read_text()}))"
+    )
+    answer = docker("run", "--rm", "--network", "none", serving_image, "python", "-c", script)
+    found = json.loads(answer.stdout)
+    pinned = {
+        normalized(line.split("==")[0])
+        for line in found["pinned"].splitlines()
+        if "==" in line and not line.lstrip().startswith("#")
+    }
+    installed = {normalized(name) for name in found["installed"]}
+    print(f"serving environment (/opt/venv): {found['mb']:.0f} MB, {len(found['installed'])} distributions")
+    assert {"fastapi", "onnxruntime", "mlflow-skinny", "numpy", "pillow", "prometheus-client"} <= installed
+    assert not installed & {"torch", "torchvision", "lightning", "timm", "mlflow", "dvc", "prefect"}
+    assert installed == pinned, "the image's environment differs from the lock's serve extra"
+    assert found["mb"] < IMAGE_LIMIT_MB
 
 
 def test_the_image_holds_no_torch_no_training_code_and_no_model(serving_image: str) -> None:

