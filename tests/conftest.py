@@ -14,25 +14,27 @@ from projects import REPO_ROOT, copy_project, write_tiny_project
 
 SAMPLE_ENV = "TEST_DATA_DIR"
 SAMPLE_NAME = "cats_vs_dogs_sample"
-# pytest-xdist (addopts: -n 2 --dist loadgroup) hands whole files to its two workers, in this order first: the
-# longest file (the Prefect flow's full pipeline runs, ~7 min) with a short one queued behind it, while the
-# other worker starts on the container tests (mostly waiting on Docker) and then takes the rest.
-FIRST = ("tests/integration/test_flow.py", "tests/containers/", "tests/unit/test_split.py")
+# pytest-xdist (addopts: -n 2 --dist loadfile --no-loadscope-reorder) hands whole files to its two workers in
+# collection order, two each to start with (worker 0 the 1st and 3rd, worker 1 the 2nd and 4th): the longest
+# file (the Prefect flow's full pipeline runs, ~7 min) and a short one on one worker, the container tests
+# (mostly waiting on Docker) on the other; then whichever is free takes the next file. (Not --dist loadgroup:
+# with pytest 9.2, xdist 3.8's groups have no effect.)
+FIRST = (
+    "tests/integration/test_flow.py",
+    "tests/containers/test_image.py",
+    "tests/unit/test_split.py",
+    "tests/containers/test_compose.py",
+)
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """One xdist group per test file (tests/containers is one: its files share the engine and the image),
-    the files of FIRST first."""
+    """The files of FIRST first, in that order; the rest as collected."""
 
     def rank(item: pytest.Item) -> int:
         return next((i for i, prefix in enumerate(FIRST) if item.nodeid.startswith(prefix)), len(FIRST))
 
     items.sort(key=rank)
-    for item in items:
-        path = item.nodeid.split("::")[0]
-        group = "containers" if path.startswith("tests/containers/") else path
-        item.add_marker(pytest.mark.xdist_group(group))
 
 
 def find_sample() -> Path | None:

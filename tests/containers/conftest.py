@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,7 @@ from docker_cli import (
     engine_script,
     image_size,
 )
+from filelock import FileLock
 
 IMAGE_LABEL = "org.opencontainers.image.title=catdog-api"  # the serving image's runtime stage (Dockerfile)
 
@@ -37,6 +41,14 @@ def report(request: pytest.FixtureRequest, line: str) -> None:
         reporter.write_line(f"[containers] {line}")
 
 
+@contextmanager
+def docker_lock() -> Iterator[None]:
+    """One test process at a time starts the engine, makes the base image or builds the serving image (the
+    suite runs on xdist workers; the second one then finds the engine up and the layers cached)."""
+    with FileLock(str(Path(tempfile.gettempdir()) / "catdog-container-tests.lock"), timeout=1800):
+        yield
+
+
 def _last_lines(text: str, count: int = 8) -> str:
     return "\n".join(text.strip().splitlines()[-count:])
 
@@ -45,6 +57,19 @@ def _last_lines(text: str, count: int = 8) -> str:
 def docker_engine(request: pytest.FixtureRequest):
     """An engine that answers `docker info`: the running one, else Debian's docker.io installed (apt-get)
     when missing and dockerd started in the background, stopped again by its PID when the session ends."""
+    started_pid = None
+    with docker_lock():
+        started_pid = _start_engine(request)
+    yield
+    if started_pid is not None and os.environ.get("PYTEST_XDIST_WORKER"):
+        report(request, f"dockerd (pid {started_pid}) left running for the other workers: make docker-stop")
+    elif started_pid is not None:
+        done = engine_script("stop", started_pid, timeout=60)
+        report(request, f"dockerd (pid {started_pid}) stopped: {done.stderr.strip() or done.returncode}")
+
+
+def _start_engine(request: pytest.FixtureRequest) -> str | None:
+    """Install and start the engine when `docker info` gets no answer: the PID of the dockerd started here."""
     started_pid = None
     if not engine_answers():
         if shutil.which("dockerd") is None or shutil.which("docker") is None:
@@ -57,16 +82,18 @@ def docker_engine(request: pytest.FixtureRequest):
         if done.stdout.startswith("started "):
             started_pid = done.stdout.split()[1]
             report(request, f"dockerd started for the container tests (pid {started_pid})")
-    yield
-    if started_pid is not None:
-        done = engine_script("stop", started_pid, timeout=60)
-        report(request, f"dockerd (pid {started_pid}) stopped: {done.stderr.strip() or done.returncode}")
+    return started_pid
 
 
 @pytest.fixture(scope="session")
 def base_image(docker_engine, request: pytest.FixtureRequest) -> str:
     """The base the project's Dockerfiles are built on here: made once by scripts/docker_engine.sh
     (debootstrap bookworm + python3 + this machine's CA bundle), then reused by tag."""
+    with docker_lock():
+        return _base_image(request)
+
+
+def _base_image(request: pytest.FixtureRequest) -> str:
     if docker("image", "inspect", BASE_IMAGE, check=False).returncode == 0:
         return BASE_IMAGE
     if shutil.which("debootstrap") is None:
@@ -87,6 +114,11 @@ def base_image(docker_engine, request: pytest.FixtureRequest) -> str:
 def serving_image(base_image: str, request: pytest.FixtureRequest) -> str:
     """The serving image, built from ./Dockerfile on the local base with the classic builder (layers cached
     by the engine: a rebuild after a code change reinstalls nothing)."""
+    with docker_lock():
+        return _serving_image(base_image, request)
+
+
+def _serving_image(base_image: str, request: pytest.FixtureRequest) -> str:
     started = time.monotonic()
     build = ["build", "--build-arg", f"BASE_IMAGE={base_image}", "--tag", API_IMAGE, "--file", "Dockerfile"]
     docker(*build, ".", timeout=900, cwd=REPO_ROOT, env={**os.environ, "DOCKER_BUILDKIT": "0"})
