@@ -22,6 +22,7 @@ import nbformat
 import pytest
 import yaml
 from nbclient import NotebookClient
+from projects import TINY_TRAIN
 from test_dvc_pipeline import copy_sample, make_repo, run
 
 pytestmark = pytest.mark.slow
@@ -52,16 +53,7 @@ STAGES = (
 )
 FAST_RETRIES = {"retries": 2, "retry_delay_seconds": [0.2], "retry_jitter_factor": 0, "stages": {}}
 TINY = {
-    "train": {
-        "image_size": 96,
-        "batch_size": 8,
-        "epochs_frozen": 2,
-        "epochs_unfrozen": 0,
-        "early_stopping_patience": None,
-        "progress_bar": False,
-        "accelerator": "cpu",
-        "feature_cache": {"enabled": True, "views": 1},
-    },
+    "train": TINY_TRAIN,
     "baselines": {
         "linear_probe": {"C": [1.0]},
         "simple_cnn": {"epochs": 1, "image_size": 64, "batch_size": 16},
