@@ -66,6 +66,11 @@ def test_the_image_is_under_the_size_limit(serving_image: str) -> None:
     assert size_mb < IMAGE_LIMIT_MB
 
 
+def in_image(image: str, code: str, check: bool = True):
+    """`python -c code` in a throwaway container of the image, without a network."""
+    return docker("run", "--rm", "--network", "none", image, "python", "-c", code, check=check)
+
+
 def normalized(name: str) -> str:
     """A distribution name as PEP 503 compares them."""
     return re.sub(r"[-_.]+", "-", name).strip().lower()
@@ -81,8 +86,7 @@ def test_the_serving_environment_is_the_locks_serve_extra_without_torch(serving_
         "m.distributions(path=[str(next(root.glob('lib/python3*/site-packages')))])), "
         "'pinned': (root / 'requirements.txt').read_text()}))"
     )
-    answer = docker("run", "--rm", "--network", "none", serving_image, "python", "-c", script)
-    found = json.loads(answer.stdout)
+    found = json.loads(in_image(serving_image, script).stdout)
     pinned = {
         normalized(line.split("==")[0])
         for line in found["pinned"].splitlines()
@@ -97,18 +101,10 @@ def test_the_serving_environment_is_the_locks_serve_extra_without_torch(serving_
 
 
 def test_the_image_holds_no_torch_no_training_code_and_no_model(serving_image: str) -> None:
-    no_torch = docker(
-        "run", "--rm", "--network", "none", serving_image, "python", "-c", "import torch", check=False
-    )
+    no_torch = in_image(serving_image, "import torch", check=False)
     assert no_torch.returncode != 0 and "No module named 'torch'" in no_torch.stderr
-    listing = docker(
-        "run",
-        "--rm",
-        "--network",
-        "none",
+    listing = in_image(
         serving_image,
-        "python",
-        "-c",
         "import json, os; print(json.dumps({p: os.listdir(p) for p in ('/app', '/app/catdog', '/models')}))",
     )
     folders = json.loads(listing.stdout)
@@ -116,17 +112,7 @@ def test_the_image_holds_no_torch_no_training_code_and_no_model(serving_image: s
     assert {name for name in folders["/app/catdog"] if name != "__pycache__"} == SERVICE_MODULES
     assert "model.onnx" not in folders["/models"], "a model is baked in by default"
     for training in ("catdog.stages", "catdog.training", "flows", "lightning", "dvc", "prefect"):
-        done = docker(
-            "run",
-            "--rm",
-            "--network",
-            "none",
-            serving_image,
-            "python",
-            "-c",
-            f"import {training}",
-            check=False,
-        )
+        done = in_image(serving_image, f"import {training}", check=False)
         assert done.returncode != 0, f"{training} is importable in the serving image"
 
 
