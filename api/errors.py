@@ -35,12 +35,13 @@ class ApiError(Exception):
         self.status, self.code, self.message, self.headers = status, code, message, headers
 
 
-class BodyTooLarge(HTTPException):
-    """Raised while the body streams in, so FastAPI's body parsing passes it through unchanged."""
+class BodyRefused(HTTPException):
+    """Raised while the body streams in (too large, too many parts, too slow), so FastAPI's body parsing
+    passes it through unchanged and the client gets it with its own code."""
 
-    def __init__(self, limit: int) -> None:
-        super().__init__(413, f"the request body is over the limit of {limit} bytes")
-        self.limit = limit
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(status, message)
+        self.code = code
 
 
 class ErrorDetail(BaseModel):
@@ -90,7 +91,7 @@ async def _api_error(_: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
-    code = "upload_too_large" if isinstance(exc, BodyTooLarge) else _status_code_name(exc.status_code)
+    code = exc.code if isinstance(exc, BodyRefused) else _status_code_name(exc.status_code)
     message = exc.detail if isinstance(exc.detail, str) else _status_code_name(exc.status_code)
     return error_response(exc.status_code, code, message, getattr(exc, "headers", None))
 

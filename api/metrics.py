@@ -54,6 +54,22 @@ class ServiceMetrics:
             registry=r,
         )
         self.queue = Gauge("catdog_inference_queue_images", "Images waiting for the model.", registry=r)
+        self.decode_memory = Gauge(
+            "catdog_decode_memory_bytes",
+            "Estimated peak bytes the image decodes in progress hold (reserved from the decode budget).",
+            registry=r,
+        )
+        self.decode_budget = Gauge(
+            "catdog_decode_budget_bytes",
+            "The decode budget: MEMORY_LIMIT_MB x DECODE_MEMORY_FRACTION.",
+            registry=r,
+        )
+        self.guard_refused = Counter(
+            "catdog_http_requests_refused_total",
+            "Requests refused by the request guard, by reason (overloaded, body_timeout, too_many_parts).",
+            ["reason"],
+            registry=r,
+        )
         self.model = Info("catdog_model", "The model being served.", registry=r)
         self.ready = Gauge("catdog_model_ready", "1 when a warmed-up model is serving.", registry=r)
         self.reloads = Counter("catdog_model_reloads", "Model (re)loads by outcome.", ["outcome"], registry=r)

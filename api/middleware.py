@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
 from api import logs
-from api.errors import BodyTooLarge
+from api.errors import BodyRefused
 from api.metrics import ServiceMetrics
 
 Scope = MutableMapping[str, Any]
@@ -23,6 +25,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 log = logging.getLogger("catdog.api")
 SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 HEADER = b"x-request-id"
+BOUNDARY = re.compile(r'boundary=(?:"(?P<quoted>[^"]{1,200})"|(?P<token>[^\s;,]{1,200}))', re.IGNORECASE)
+UNGUARDED = frozenset({"/health", "/ready", "/metrics"})
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -32,10 +36,13 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-async def send_error(send: Send, status: int, code: str, message: str) -> None:
+async def send_error(
+    send: Send, status: int, code: str, message: str, extra: dict[str, str] | None = None
+) -> None:
     """A complete JSON error response, sent from middleware."""
     body = json.dumps({"error": {"code": code, "message": message}}, separators=(",", ":")).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(name.encode(), value.encode()) for name, value in (extra or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -91,48 +98,178 @@ class RequestContext:
         log.log(logging.WARNING if status >= 500 else logging.INFO, "request", extra=extra)
 
 
-class UploadGuard:
-    """Per route: the content type a body must have (415) and its size limit (413), enforced as it streams
-    in, so an oversized upload is refused without being read into memory."""
+@dataclass(frozen=True)
+class BodyRule:
+    """What a route's request body may be: its content type, total size and, for multipart bodies, how
+    many parts and how large each."""
 
-    def __init__(self, app: ASGIApp, rules: dict[str, tuple[str, int]], default_limit: int) -> None:
+    content_type: str
+    max_bytes: int
+    max_parts: int = 0
+    max_part_bytes: int = 0
+
+
+class MultipartMeter:
+    """Counts the parts of a multipart body and measures each as it streams in, by finding the boundary
+    delimiters, so a flood of parts or one oversized part is refused before the form parser holds them
+    (Starlette's parser keeps every file part under 1 MB in memory and FastAPI sets no part count)."""
+
+    def __init__(self, boundary: bytes, rule: BodyRule) -> None:
+        self.delimiter = b"--" + boundary
+        self.rule = rule
+        self.parts = -1  # the closing delimiter ends the last part; the first opens the first
+        self.seen = 0  # bytes of the body so far
+        self.part_start = 0
+        self.tail = b""
+
+    def feed(self, chunk: bytes) -> None:
+        data = self.tail + chunk
+        base = self.seen - len(self.tail)
+        self.seen += len(chunk)
+        position = 0
+        while (found := data.find(self.delimiter, position)) != -1:
+            self._end_part(base + found)
+            position = found + len(self.delimiter)
+            self.part_start = base + position
+        if self.seen - self.part_start > self.rule.max_part_bytes:
+            self._too_large(self.seen - self.part_start)
+        self.tail = data[max(position, len(data) - len(self.delimiter) + 1) :]
+
+    def _end_part(self, at: int) -> None:
+        if self.parts >= 0 and at - self.part_start > self.rule.max_part_bytes:
+            self._too_large(at - self.part_start)
+        self.parts += 1
+        if self.parts > self.rule.max_parts:
+            raise BodyRefused(
+                413,
+                "too_many_files",
+                f"the form has more than {self.rule.max_parts} parts (files and fields)",
+            )
+
+    def _too_large(self, size: int) -> None:
+        raise BodyRefused(
+            413,
+            "upload_too_large",
+            f"a file in the form is over {size} bytes, over the limit of {self.rule.max_part_bytes} bytes",
+        )
+
+
+def _boundary(content_type: str) -> bytes | None:
+    match = BOUNDARY.search(content_type)
+    if not match:
+        return None
+    return (match["quoted"] or match["token"]).encode("latin-1")
+
+
+class RequestGuard:
+    """Bounds every request before the app parses it: requests in flight (503 with Retry-After), the
+    content type (415), the body's size (413, from Content-Length or as it streams in), the parts of a
+    multipart form and each part's size (413), and the time the body takes to arrive (408). Probes and
+    /metrics are never refused, so liveness stays fast under any load."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        rules: dict[str, BodyRule],
+        default_limit: int,
+        max_in_flight: int,
+        body_timeout: float,
+        metrics: ServiceMetrics,
+    ) -> None:
         self.app = app
         self.rules = rules
         self.default_limit = default_limit
+        self.max_in_flight = max_in_flight
+        self.body_timeout = body_timeout
+        self.metrics = metrics
+        self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+        if scope["type"] != "http" or (scope["method"] in ("GET", "HEAD") and scope["path"] in UNGUARDED):
             await self.app(scope, receive, send)
             return
-        content_type, limit = self.rules.get(scope["path"], ("", self.default_limit))
+        if self.in_flight >= self.max_in_flight:
+            self.metrics.guard_refused.labels(reason="overloaded").inc()
+            await send_error(
+                send,
+                503,
+                "overloaded",
+                f"{self.in_flight} requests are already being handled; try again shortly",
+                {"retry-after": "1"},
+            )
+            return
+        self.in_flight += 1
+        try:
+            await self._guarded(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        rule = self.rules.get(scope["path"], BodyRule("", self.default_limit))
         if scope["path"] in self.rules:
             scope.setdefault("state", {})["route"] = scope["path"]
-        if content_type:
-            given = (_header(scope, b"content-type") or "").split(";")[0].strip().lower()
-            if given != content_type:
+        header = _header(scope, b"content-type") or ""
+        meter = None
+        if rule.content_type:
+            given = header.split(";")[0].strip().lower()
+            if given != rule.content_type:
                 shown = f"'{given[:80]}'" if given else "none"
                 await send_error(
-                    send, 415, "unsupported_media_type", f"{scope['path']} takes {content_type}; got {shown}"
+                    send,
+                    415,
+                    "unsupported_media_type",
+                    f"{scope['path']} takes {rule.content_type}; got {shown}",
                 )
                 return
+            if rule.max_parts:
+                boundary = _boundary(header)
+                if boundary is None:
+                    await send_error(send, 400, "invalid_request", "the multipart body has no boundary")
+                    return
+                meter = MultipartMeter(boundary, rule)
         length = _header(scope, b"content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
+        if length is not None and length.isdigit() and int(length) > rule.max_bytes:
             await send_error(
                 send,
                 413,
                 "upload_too_large",
-                f"the request body ({length} bytes) is over the limit of {limit} bytes",
+                f"the request body ({length} bytes) is over the limit of {rule.max_bytes} bytes",
             )
             return
         received = 0
+        complete = False
+        deadline = time.monotonic() + self.body_timeout
 
-        async def limited() -> Message:
-            nonlocal received
-            message = await receive()
+        async def guarded_receive() -> Message:
+            nonlocal received, complete
+            if complete:
+                return await receive()  # after the body: only http.disconnect, with no deadline
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                self.metrics.guard_refused.labels(reason="body_timeout").inc()
+                raise BodyRefused(
+                    408, "body_timeout", f"the request body did not arrive within {self.body_timeout:g} s"
+                ) from None
             if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise BodyTooLarge(limit)
+                chunk = message.get("body", b"")
+                received += len(chunk)
+                complete = not message.get("more_body", False)
+                if received > rule.max_bytes:
+                    raise BodyRefused(
+                        413,
+                        "upload_too_large",
+                        f"the request body is over the limit of {rule.max_bytes} bytes",
+                    )
+                if meter is not None:
+                    try:
+                        meter.feed(chunk)
+                    except BodyRefused as refused:
+                        self.metrics.guard_refused.labels(reason=refused.code).inc()
+                        raise
             return message
 
-        await self.app(scope, limited, send)
+        await self.app(scope, guarded_receive, send)

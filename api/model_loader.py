@@ -2,24 +2,38 @@
 
 A model is usable only when it carries the export stage's metadata (labels, preprocessing) and has the
 expected input and output tensors; anything else fails with a ModelLoadError that says why.
+
+MLflow models are downloaded into one folder per model version under the cache folder (into a temporary
+folder renamed when complete, under a file lock shared by the processes using the cache), so no file of
+one version is ever served with another; `prune_cache` then removes every version but the served one.
+Without a cache folder the download is removed as soon as the model is loaded: everything the service
+needs from the files (the session, the card, the reference statistics) is read by then.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
+import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from api.monitoring import Reference, load_reference
 from catdog import onnx_model
 from catdog.preprocessing import PreprocessConfig
+
+log = logging.getLogger("catdog.api")
 
 MLFLOW_SCHEMES = (
     "models:/",
@@ -32,10 +46,19 @@ MLFLOW_SCHEMES = (
     "https://",
 )
 REGISTERED = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))/?$")
+# What POST /admin/reload accepts besides paths: a registered version or alias, or a logged model id.
+RELOADABLE_URI = re.compile(r"^models:/[A-Za-z0-9][\w.-]*(?:/\d+|@[\w-]+)?/?$")
+SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+CACHE_LOCK = ".lock"
+PARTIAL_PREFIX = ".partial-"
 
 
 class ModelLoadError(Exception):
     """The model at a URI cannot be served; the message says why."""
+
+
+class UriNotAllowed(Exception):
+    """POST /admin/reload may not load this URI (the message names no file or host)."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +78,8 @@ class ModelBundle:
     card: str | None
     registry: dict[str, Any] | None = None
     loaded_at: float = field(default_factory=time.time)
+    reference: Reference | None = None
+    cache_entry: Path | None = None
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Class probabilities (N, classes) of a preprocessed batch."""
@@ -82,19 +107,111 @@ def alias_version(uri: str) -> str | None:
     return registry["version"] if registry else None
 
 
-def _download(uri: str, cache_dir: str) -> Path:
-    """An MLflow model's files in a local folder (the tracking server from $MLFLOW_TRACKING_URI)."""
+def allowed_model_dir(setting: str, model_uri: str) -> Path | None:
+    """The folder reloads may load paths from: MODEL_DIR_ALLOWED, else MODEL_URI's folder when it is a path
+    (the folder holding a .onnx file), else none."""
+    if setting.strip():
+        return Path(setting.strip()).expanduser().resolve()
+    uri = model_uri.strip()
+    if not uri or (SCHEME.match(uri) and not uri.startswith("file://")):
+        return None
+    path = Path(uri.removeprefix("file://")).expanduser().resolve()
+    return path.parent if path.suffix == ".onnx" or path.is_file() else path
+
+
+def check_reload_uri(uri: str, allowed_dir: Path | None, model_uri: str) -> str:
+    """The URI POST /admin/reload may load (a path resolved, links and `..` included), or UriNotAllowed:
+    MODEL_URI itself, a models:/ registry URI, or a path inside `allowed_dir`. Nothing is read to decide, so
+    the answer tells nothing about the file system."""
+    uri = uri.strip()
+    if uri == model_uri.strip() or RELOADABLE_URI.match(uri):
+        return uri
+    if SCHEME.match(uri) and not uri.startswith("file://"):
+        raise UriNotAllowed(
+            "only models:/ registry URIs (models:/name/version, models:/name@alias) and paths in the "
+            "allowed model folder can be loaded"
+        )
+    if allowed_dir is None:
+        raise UriNotAllowed("loading by path is off: set MODEL_DIR_ALLOWED to allow a model folder")
+    path = Path(uri.removeprefix("file://")).expanduser().resolve()
+    if not path.is_relative_to(allowed_dir):
+        raise UriNotAllowed("the path is not inside the allowed model folder")
+    return str(path)
+
+
+def _download(uri: str, target: Path) -> Path:
+    """An MLflow model's files in `target` (the tracking server from $MLFLOW_TRACKING_URI)."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         from mlflow.artifacts import download_artifacts
     except ImportError as exc:
         raise ModelLoadError(f"{uri} is an MLflow URI but mlflow is not installed") from exc
-    target = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="catdog-model-"))
-    target.mkdir(parents=True, exist_ok=True)
     try:
         return Path(download_artifacts(artifact_uri=uri, dst_path=str(target)))
     except Exception as exc:
         raise ModelLoadError(f"cannot download {uri} from MLflow: {_first_line(exc)}") from exc
+
+
+def _cache_name(source: str, registry: dict[str, Any] | None) -> str:
+    """The folder of one model version: readable for registered versions, unique for any URI."""
+    digest = hashlib.sha256(source.encode()).hexdigest()
+    label = f"{registry['name']}-v{registry['version']}" if registry else "model"
+    return f"{re.sub(r'[^A-Za-z0-9._-]+', '_', label)[:80]}-{digest[:12]}"
+
+
+@contextlib.contextmanager
+def _cache_lock(cache: Path) -> Iterator[None]:
+    """Exclusive use of the cache folder across processes (workers sharing MODEL_CACHE_DIR)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    with (cache / CACHE_LOCK).open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _fetched(uri: str, registry: dict[str, Any] | None, cache_dir: str) -> Iterator[tuple[Path, Path | None]]:
+    """(the model's local location, its cache folder or None) while the caller reads it."""
+    # An alias is pinned to the version just resolved, so the files are that version's even if it moves.
+    source = f"models:/{registry['name']}/{registry['version']}" if registry else uri
+    if not cache_dir:
+        with tempfile.TemporaryDirectory(prefix="catdog-model-") as temporary:
+            yield _download(source, Path(temporary)), None
+        return
+    cache = Path(cache_dir).expanduser()
+    with _cache_lock(cache):
+        entry = cache / _cache_name(source, registry)
+        if not entry.is_dir():
+            partial = Path(tempfile.mkdtemp(prefix=PARTIAL_PREFIX, dir=cache))
+            try:
+                _download(source, partial)
+                partial.rename(entry)
+            except BaseException:
+                shutil.rmtree(partial, ignore_errors=True)
+                raise
+        yield _model_root(entry), entry
+
+
+def _model_root(entry: Path) -> Path:
+    """The folder holding the model file in a downloaded version (MLflow may nest it one level down)."""
+    if _find(entry, onnx_model.FP32_FILE) is not None:
+        return entry
+    nested = [child for child in entry.iterdir() if child.is_dir() and _find(child, onnx_model.FP32_FILE)]
+    return nested[0] if len(nested) == 1 else entry
+
+
+def prune_cache(cache_dir: str, keep: Path | None) -> None:
+    """Remove every version folder and leftover partial download in the cache but `keep`."""
+    cache = Path(cache_dir).expanduser()
+    if not cache.is_dir():
+        return
+    with _cache_lock(cache):
+        for child in cache.iterdir():
+            if child.is_dir() and (keep is None or child.resolve() != keep.resolve()):
+                shutil.rmtree(child, ignore_errors=True)
+                log.info("model cache: removed %s", child.name)
 
 
 def _registry_version(uri: str) -> dict[str, Any] | None:
@@ -205,8 +322,22 @@ def load(uri: str, precision: str = "auto", threads: int | None = None, cache_di
     uri = uri.strip()
     if not uri:
         raise ModelLoadError("no model URI given (set MODEL_URI)")
-    registry = _registry_version(uri) if is_mlflow_uri(uri) else None
-    location = _download(uri, cache_dir) if is_mlflow_uri(uri) else _local_folder(uri)
+    if not is_mlflow_uri(uri):
+        return _open(uri, _local_folder(uri), precision, threads)
+    registry = _registry_version(uri)
+    with _fetched(uri, registry, cache_dir) as (location, entry):
+        return _open(uri, location, precision, threads, registry, entry)
+
+
+def _open(
+    uri: str,
+    location: Path,
+    precision: str,
+    threads: int | None,
+    registry: dict[str, Any] | None = None,
+    entry: Path | None = None,
+) -> ModelBundle:
+    """Everything the service needs from the model's files, read now (the files may go afterwards)."""
     path, chosen = _choose_file(location, precision)
     try:
         session = onnx_model.session(path, threads=threads)
@@ -229,4 +360,6 @@ def load(uri: str, precision: str = "auto", threads: int | None = None, cache_di
         metrics=metrics if isinstance(metrics, dict) else {},
         card=card.read_text(errors="replace") if card else None,
         registry=registry,
+        reference=load_reference(path),
+        cache_entry=entry,
     )

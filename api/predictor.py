@@ -10,22 +10,34 @@ import io
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from anyio import CapacityLimiter, to_thread
 from PIL import Image
 
-from api import model_loader, monitoring
-from api.batching import MicroBatcher, QueueFull
+from api import budget, model_loader
+from api.batching import InferenceFailed, InferenceTimeout, InferenceUnavailable, MicroBatcher, QueueFull
 from api.errors import ApiError, decode_error
 from api.metrics import ServiceMetrics
 from api.model_loader import ModelBundle, ModelLoadError
 from api.monitoring import DriftMonitor
 from api.settings import Settings
 from catdog import onnx_model
-from catdog.preprocessing import ImageDecodeError, PreprocessConfig, open_image, preprocess
+from catdog.preprocessing import (
+    DecodePlan,
+    ImageDecodeError,
+    ImageSource,
+    PreprocessConfig,
+    model_input,
+    plan_decode,
+)
 
 log = logging.getLogger("catdog.api")
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
 
 
 @dataclass(frozen=True)
@@ -57,6 +69,11 @@ class ScoredModel:
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         probabilities, score = onnx_model.predict(self.bundle.session, batch, self.threshold is not None)
+        expected = (len(batch), len(self.bundle.labels))
+        if probabilities.shape != expected or (score is not None and score.shape != expected[:1]):
+            # A wrong shape would hand requests other images' rows (or none): fail the batch instead.
+            shapes = f"{probabilities.shape}" + ("" if score is None else f" and scores {score.shape}")
+            raise ValueError(f"the model answered probabilities {shapes} for a batch of {len(batch)}")
         return probabilities if score is None else np.column_stack([probabilities, score])
 
     def split(self, row: np.ndarray) -> tuple[np.ndarray, InDistribution | None]:
@@ -77,17 +94,16 @@ class Decoded:
     original_size: tuple[int, int]
 
 
-def decode_upload(data: bytes, config: PreprocessConfig, max_pixels: int) -> Decoded:
-    """The model input of an image file (the shared preprocessing, untouched), the model-sized RGB picture
-    it was made from (seen through preprocess's transform hook, returned unchanged) and the file's size."""
-    seen: list[Image.Image] = []
+def plan_upload(source: ImageSource, config: PreprocessConfig, max_pixels: int) -> DecodePlan:
+    """Read an upload's header: what decoding it to the model's size will cost (no pixels yet)."""
+    return plan_decode(source, size=config.size, resize=config.resize, max_pixels=max_pixels)
 
-    def keep(picture: Image.Image) -> Image.Image:
-        seen.append(picture)
-        return picture
 
-    tensor = preprocess(data, config, max_pixels=max_pixels, transform=keep)
-    return Decoded(tensor, seen[0], open_image(data, max_pixels=max_pixels).size)
+def decode_upload(plan: DecodePlan, config: PreprocessConfig) -> Decoded:
+    """The model input of a planned upload (the shared preprocessing, as in training), the model-sized
+    RGB picture it was made from (for the drift monitor) and the file's own size."""
+    picture = plan.run()
+    return Decoded(model_input(picture, config), picture, plan.original_size)
 
 
 def warmup_image() -> bytes:
@@ -109,15 +125,27 @@ class Predictor:
         self.metrics = metrics
         self.drift = drift
         self.batcher = MicroBatcher(
-            settings.batch_max_size, settings.batch_max_wait_ms, settings.max_queue, metrics.observe_batch
+            settings.batch_max_size,
+            settings.batch_max_wait_ms,
+            settings.max_queue,
+            metrics.observe_batch,
+            deadline_s=settings.inference_timeout_seconds,
+            max_abandoned=settings.inference_max_hung_threads,
+            probe_s=settings.inference_probe_seconds,
         )
         self.bundle: ModelBundle | None = None
+        # Public reasons are short (no paths, hosts or URIs); admins get the load error (GET /admin/status).
         self.status = "starting: the model is loading"
+        self.load_error: str | None = None
         self._lock = asyncio.Lock()
         self._loading: asyncio.Task[None] | None = None
         self._watching: asyncio.Task[None] | None = None
         self._broken_version: str | None = None
         self._decoders: CapacityLimiter | None = None
+        limit = budget.memory_limit_bytes(settings.memory_limit_mb)
+        self.decode_budget = budget.DecodeBudget(int(limit * settings.decode_memory_fraction))
+        metrics.decode_memory.set_function(lambda: self.decode_budget.used)
+        metrics.decode_budget.set(self.decode_budget.total)
         self._scored: ScoredModel | None = None
 
     def scored(self, bundle: ModelBundle) -> ScoredModel:
@@ -126,17 +154,46 @@ class Predictor:
             self._scored = ScoredModel(bundle)
         return self._scored
 
-    async def _decode(self, data: bytes, bundle: ModelBundle) -> Decoded:
-        """The shared preprocessing in a worker thread; at most one decode per core at a time (more only
-        add memory and steal the cores from inference)."""
+    async def _decode(self, source: ImageSource, bundle: ModelBundle) -> Decoded:
+        """The shared preprocessing in worker threads: read the header, reserve the decode's estimated peak
+        memory from the budget (waiting while other decodes hold it), then decode. At most one decode per
+        core runs at a time (more only add memory and steal the cores from inference)."""
         if self._decoders is None:
             self._decoders = CapacityLimiter(self.settings.threads)
-        work = functools.partial(decode_upload, data, bundle.config, self.settings.max_image_pixels)
-        return await to_thread.run_sync(work, limiter=self._decoders)
+        max_pixels = self.settings.max_image_pixels
+        plan_work = functools.partial(plan_upload, source, bundle.config, max_pixels)
+        plan = await to_thread.run_sync(plan_work, limiter=self._decoders)
+        try:
+            async with self.decode_budget.reserve(plan.cost_bytes):
+                work = functools.partial(decode_upload, plan, bundle.config)
+                return await to_thread.run_sync(work, limiter=self._decoders)
+        finally:
+            plan.image.close()
 
     @property
     def ready(self) -> bool:
-        return self.bundle is not None
+        """A model is loaded and inference works (GET /ready)."""
+        return self.bundle is not None and self.batcher.ready
+
+    @property
+    def reason(self) -> str:
+        """Why the service is not ready, in a few words (public: no paths, hosts or URIs)."""
+        if self.bundle is None:
+            return self.status
+        return self.batcher.problem or "ready"
+
+    def admin_state(self) -> dict[str, Any]:
+        """The service's health with the details the public endpoints leave out (GET /admin/status)."""
+        bundle = self.bundle
+        return {
+            "ready": self.ready,
+            "alive": self.batcher.alive,
+            "status": self.reason,
+            "model": None if bundle is None else {"name": bundle.name, "version": bundle.version},
+            "uri": None if bundle is None else bundle.uri,
+            "load_error": self.load_error,
+            "inference": self.batcher.state(),
+        }
 
     async def start(self) -> None:
         """Start the batcher and load MODEL_URI in the background (the process answers /health at once)."""
@@ -187,7 +244,7 @@ class Predictor:
         try:
             await self.reload(self.settings.model_uri, self.settings.model_precision)
         except ModelLoadError as exc:
-            self.status = f"no model: {exc}"
+            self.status = "no model: load failed"
             log.error("model not loaded: %s", exc)
 
     async def reload(self, uri: str, precision: str) -> ModelBundle:
@@ -198,16 +255,18 @@ class Predictor:
                 bundle = await asyncio.to_thread(
                     model_loader.load, uri, precision, self.settings.threads, self.settings.model_cache_dir
                 )
-                await self._warm_up(bundle)
-            except ModelLoadError:
-                self.metrics.reloads.labels(outcome="failed").inc()
-                raise
+                canary = await self._warm_up(bundle)
             except Exception as exc:
                 self.metrics.reloads.labels(outcome="failed").inc()
-                raise ModelLoadError(f"{uri}: {type(exc).__name__}: {exc}") from exc
-            reference = await asyncio.to_thread(monitoring.load_reference, bundle.path)
+                error = exc if isinstance(exc, ModelLoadError) else ModelLoadError(f"{uri}: {_describe(exc)}")
+                self.load_error = str(error)
+                await self._prune_cache()
+                raise error from exc
             self.bundle = bundle
-            self.drift.use_model(bundle.version, reference)
+            self.load_error = None
+            self.batcher.set_canary(*canary)
+            await self._prune_cache()
+            self.drift.use_model(bundle.version, bundle.reference)
             self.status = "ready"
             self.metrics.reloads.labels(outcome="loaded").inc()
             self.metrics.ready.set(1)
@@ -230,8 +289,17 @@ class Predictor:
             )
             return bundle
 
-    async def _warm_up(self, bundle: ModelBundle) -> None:
-        """One real prediction (decode included) and one full batch; fails on a wrong output."""
+    async def _prune_cache(self) -> None:
+        """Keep only the served version in MODEL_CACHE_DIR (run after each load: while one runs, the served
+        and the loading versions are there)."""
+        cache_dir = self.settings.model_cache_dir
+        if cache_dir:
+            keep = self.bundle.cache_entry if self.bundle is not None else None
+            await asyncio.to_thread(model_loader.prune_cache, cache_dir, keep)
+
+    async def _warm_up(self, bundle: ModelBundle) -> tuple[ScoredModel, np.ndarray]:
+        """One real prediction (decode included) and one full batch; fails on a wrong output. Returns the
+        batcher's model and the warm-up image: the canary the batcher runs after a failure."""
         image = (await self._decode(warmup_image(), bundle)).tensor
         scored = ScoredModel(bundle)
         for size in sorted({1, self.settings.batch_max_size}):
@@ -243,6 +311,7 @@ class Predictor:
                     f"warm-up prediction failed: got shape {out.shape} summing to {out.sum(axis=1)[:1]}, "
                     f"expected ({size}, {len(bundle.labels)}) probabilities"
                 )
+        return scored, image
 
     def current(self) -> ModelBundle:
         """The model being served, or 503 model_not_ready."""
@@ -250,12 +319,28 @@ class Predictor:
             raise ApiError(503, "model_not_ready", self.status, headers={"Retry-After": "5"})
         return self.bundle
 
-    async def preprocess(self, data: bytes, bundle: ModelBundle) -> Decoded:
+    def _inference_error(self, exc: Exception) -> ApiError:
+        """The answer for a request whose inference failed (short, public: details are in the log)."""
+        if isinstance(exc, QueueFull):
+            error = ApiError(503, "overloaded", str(exc), headers={"Retry-After": "1"})
+        elif isinstance(exc, InferenceTimeout):
+            error = ApiError(504, "inference_timeout", f"the model did not answer in time: {exc}")
+        elif isinstance(exc, InferenceUnavailable):
+            error = ApiError(503, "inference_unavailable", str(exc), headers={"Retry-After": "5"})
+        else:
+            message = "the model failed on this request; retry"
+            error = ApiError(503, "inference_failed", message, headers={"Retry-After": "1"})
+        self.metrics.rejected.labels(code=error.code).inc()
+        return error
+
+    async def preprocess(self, source: ImageSource, bundle: ModelBundle) -> Decoded:
         """Decode and preprocess off the event loop with the shared module; bad images become ApiErrors."""
         try:
-            return await self._decode(data, bundle)
+            return await self._decode(source, bundle)
         except ImageDecodeError as exc:
             error = decode_error(exc)
+        except budget.OverBudget as exc:
+            error = ApiError(413, "image_too_large", f"the image is too large to decode: {exc}")
         except (MemoryError, Image.DecompressionBombError) as exc:
             error = ApiError(413, "image_too_large", f"the image is too large to decode: {exc}")
         except Exception as exc:
@@ -263,16 +348,15 @@ class Predictor:
         self.metrics.rejected.labels(code=error.code).inc()
         raise error
 
-    async def predict(self, data: bytes) -> Prediction:
-        """Class probabilities of one uploaded image."""
+    async def predict(self, source: ImageSource) -> Prediction:
+        """Class probabilities of one uploaded image (its bytes, or the upload's file)."""
         bundle = self.current()
-        decoded = await self.preprocess(data, bundle)
+        decoded = await self.preprocess(source, bundle)
         scored = self.scored(bundle)
         try:
             row, verdict = scored.split(await self.batcher.predict(scored, decoded.tensor))
-        except QueueFull as exc:
-            self.metrics.rejected.labels(code="overloaded").inc()
-            raise ApiError(503, "overloaded", str(exc), headers={"Retry-After": "1"}) from exc
+        except (QueueFull, InferenceFailed, InferenceTimeout, InferenceUnavailable) as exc:
+            raise self._inference_error(exc) from exc
         finally:
             self.metrics.queue.set(self.batcher.waiting)
         probabilities = {label: round(float(p), 6) for label, p in zip(bundle.labels, row, strict=True)}

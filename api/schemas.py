@@ -47,6 +47,13 @@ IN_DISTRIBUTION_FIELD = Field(
     description="The out-of-distribution check; null when the served model has no pet score "
     "(e.g. simple_cnn).",
 )
+PREDICTION_ID = r"^[0-9a-f]{32}$"
+PREDICTION_ID_FIELD = Field(
+    pattern=PREDICTION_ID,
+    description="Minted by the server for this prediction (32 hex digits: the time in milliseconds, then 80 "
+    "random bits): send it with POST /feedback.",
+    examples=["9c2b7e4f01d84a3b8e6f5a2c1d0e9b7a"],
+)
 
 
 class PredictionOut(BaseModel):
@@ -58,6 +65,7 @@ class PredictionOut(BaseModel):
                     "probabilities": PROBABILITIES,
                     "model": {"name": "tf_efficientnet_lite0", "version": "3"},
                     "in_distribution": IN_DISTRIBUTION,
+                    "prediction_id": "9c2b7e4f01d84a3b8e6f5a2c1d0e9b7a",
                     "request_id": "5f0c6b1e2d4a4c8e9a7b3c1d2e3f4a5b",
                     "latency_ms": 14.2,
                 },
@@ -66,6 +74,7 @@ class PredictionOut(BaseModel):
                     "probabilities": {"cat": 0.9412, "dog": 0.0588},
                     "model": {"name": "tf_efficientnet_lite0", "version": "3"},
                     "in_distribution": {"score": 0.0213, "threshold": 0.2622, "flag": False},
+                    "prediction_id": "3e8a1f6c5b2d4e7f9a0b1c2d3e4f5a6b",
                     "request_id": "0d9e8f7a6b5c4d3e2f1a0b9c8d7e6f5a",
                     "latency_ms": 13.8,
                 },
@@ -77,12 +86,17 @@ class PredictionOut(BaseModel):
     probabilities: dict[str, float] = Field(description="P(class) for every class; they sum to 1.")
     model: ModelRef
     in_distribution: InDistributionOut | None = IN_DISTRIBUTION_FIELD
-    request_id: str = Field(description="Also in the X-Request-ID response header and the logs.")
+    prediction_id: str = PREDICTION_ID_FIELD
+    request_id: str = Field(
+        description="A correlation id only (the client's X-Request-ID when safe): also in the X-Request-ID "
+        "response header and the logs. Feedback takes the prediction_id."
+    )
     latency_ms: float = Field(description="Time spent in the service for this request.")
 
 
 class BatchPrediction(BaseModel):
     filename: str | None = Field(default=None, description="The uploaded file's name, as sent.")
+    prediction_id: str = PREDICTION_ID_FIELD
     label: str = Field(examples=["cat"])
     probabilities: dict[str, float]
     model: ModelRef
@@ -113,13 +127,21 @@ class Base64In(BaseModel):
 
 class Health(BaseModel):
     status: str = Field(examples=["ok"])
+    detail: str | None = Field(
+        default=None,
+        description="Why the process should be restarted (503 only), in a few words.",
+        examples=["too many hung inference threads"],
+    )
 
 
 class Readiness(BaseModel):
     status: str = Field(examples=["ready"])
     ready: bool
     model: ModelRef | None = None
-    detail: str = Field(examples=["ready"])
+    detail: str = Field(
+        description="`ready`, or why not in a few words (no paths or hosts; admins: GET /admin/status).",
+        examples=["ready", "no model: load failed", "inference failed"],
+    )
 
 
 class ModelOut(BaseModel):
@@ -147,6 +169,34 @@ class ReloadIn(BaseModel):
     )
 
 
+class InferenceState(BaseModel):
+    ready: bool = Field(description="No model call failed since the last one that worked.")
+    alive: bool = Field(description="false: only a restart helps (GET /health answers 503).")
+    problem: str | None = Field(description="Why not ready, in a few words.")
+    unrecoverable: str | None = Field(description="Why not alive.")
+    last_error: str | None = Field(description="The last failure in full (kept after recovery).")
+    waiting: int = Field(description="Images queued for the model.")
+    abandoned_threads: int = Field(description="Hung model calls given up on that are still running.")
+    probe_failures: int = Field(description="Failed canary calls in a row since the last failure.")
+    deadline_s: float = Field(description="INFERENCE_TIMEOUT_SECONDS.")
+    failed_batches: int
+    timeouts: int
+    loop_restarts: int
+    recoveries: int
+
+
+class AdminStatus(BaseModel):
+    ready: bool
+    alive: bool
+    status: str = Field(description="The public reason GET /ready gives.")
+    model: ModelRef | None
+    uri: str | None = Field(description="The served model's URI.")
+    load_error: str | None = Field(
+        description="Why the last load or reload failed, in full; null after a success."
+    )
+    inference: InferenceState
+
+
 class ReloadOut(BaseModel):
     status: str = Field(examples=["reloaded"])
     previous: ModelRef | None
@@ -157,14 +207,14 @@ class ReloadOut(BaseModel):
 class FeedbackIn(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={
-            "examples": [{"request_id": "5f0c6b1e2d4a4c8e9a7b3c1d2e3f4a5b", "true_label": "cat"}]
+            "examples": [{"prediction_id": "9c2b7e4f01d84a3b8e6f5a2c1d0e9b7a", "true_label": "cat"}]
         }
     )
 
-    request_id: str = Field(
-        pattern=r"^[A-Za-z0-9._:-]{1,80}$",
-        description="The request_id of the prediction (its X-Request-ID); `<request_id>:<i>` for the i-th "
-        "file (from 0) of a /predict/batch request.",
+    prediction_id: str = Field(
+        pattern=PREDICTION_ID,
+        description="The prediction_id the prediction's answer carried (each /predict/batch result has its "
+        "own); not the request id.",
     )
     true_label: str = Field(
         min_length=1, max_length=64, description="What the image really shows: one of the model's labels."
@@ -172,9 +222,10 @@ class FeedbackIn(BaseModel):
 
 
 class FeedbackOut(BaseModel):
-    request_id: str
+    prediction_id: str
+    request_id: str = Field(description="The request id of the request that made the prediction.")
     status: Literal["recorded", "unchanged"] = Field(
-        description="`unchanged` when the same true label had already been recorded."
+        description="`unchanged` when the same true label had already been recorded (the first label wins)."
     )
     predicted_label: str = Field(examples=["dog"])
     true_label: str = Field(examples=["cat"])
@@ -228,6 +279,17 @@ class ModelAccuracy(BaseModel):
     accuracy: float
 
 
+class FeedbackSource(BaseModel):
+    client: str = Field(description="The client address the labels came from.", examples=["203.0.113.7"])
+    labelled: int = Field(description="Labels in the window from this address.")
+    accuracy: float = Field(description="Accuracy of the predictions this address labelled.")
+
+
+class FeedbackSources(BaseModel):
+    clients: int = Field(description="Distinct client addresses that sent the window's labels.")
+    top: list[FeedbackSource] = Field(description="The (up to) five addresses that sent the most.")
+
+
 class PerformanceReport(BaseModel):
     window: int = Field(description="ACCURACY_WINDOW: the most recent labelled predictions counted.")
     labelled: int = Field(description="Labelled predictions in the window.")
@@ -236,3 +298,6 @@ class PerformanceReport(BaseModel):
     per_class: dict[str, ClassRecall] = Field(description="Recall per true class, in the window.")
     by_model: dict[str, ModelAccuracy] = Field(description="Accuracy per model version, in the window.")
     labelled_total: int = Field(description="Labelled predictions in the database.")
+    sources: FeedbackSources = Field(
+        description="Who sent the window's labels: check it before acting on a drop (docs/runbook.md)."
+    )

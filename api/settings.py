@@ -34,13 +34,52 @@ class Settings(BaseSettings):
         description="For models:/name@alias URIs: how often to check whether the alias moved (0 = never).",
     )
     model_cache_dir: str = Field(
-        default="", description="Where MLflow models are downloaded; empty = a temp dir."
+        default="",
+        description="Where MLflow models are downloaded, one folder per model version (only the served one "
+        "is kept); empty = a temporary folder removed once the model is loaded.",
+    )
+    model_dir_allowed: str = Field(
+        default="",
+        description="The folder POST /admin/reload may load model files from (by path); empty = the folder "
+        "of MODEL_URI when it is a path (its folder for a .onnx file), none when it is a URI.",
     )
     max_upload_mb: float = Field(default=10.0, gt=0, description="Largest accepted image file (MB).")
     max_image_pixels: int = Field(
         default=40_000_000, gt=0, description="Images with more pixels are refused before decoding."
     )
     max_batch_files: int = Field(default=32, ge=1, description="Most files in one /predict/batch request.")
+    max_batch_mb: float = Field(
+        default=40.0,
+        gt=0,
+        description="Largest /predict/batch body (MB), all files together; each file also stays under "
+        "MAX_UPLOAD_MB.",
+    )
+    memory_limit_mb: int = Field(
+        default=0,
+        ge=0,
+        description="The memory this process is given (MB); 0 = the container's cgroup limit, else 1024 "
+        "(the Kubernetes pod's limit). The decode budget is a share of it.",
+    )
+    decode_memory_fraction: float = Field(
+        default=0.4,
+        gt=0,
+        le=0.9,
+        description="Share of MEMORY_LIMIT_MB that image decodes may hold together, by their estimated peak "
+        "(a 40-megapixel RGBA PNG needs ~350 MB, a phone JPEG ~10 MB). A decode needing more than the whole "
+        "share is refused with 413 image_too_large; others wait their turn. The rest of the 1 GiB pod: "
+        "~200 MB for the model and runtime, uploads in flight, headroom.",
+    )
+    max_in_flight: int = Field(
+        default=64,
+        ge=1,
+        description="Most requests handled at once (probes and /metrics excepted); beyond it 503 "
+        "overloaded with Retry-After, before the body is read.",
+    )
+    body_timeout_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="A request body must arrive within this many seconds (slow clients get 408).",
+    )
     batch_max_size: int = Field(
         default=4,
         ge=1,
@@ -55,6 +94,24 @@ class Settings(BaseSettings):
     )
     inference_threads: int = Field(
         default=0, ge=0, description="onnxruntime intra-op threads; 0 = all cores."
+    )
+    inference_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="The longest a prediction may wait for the model (queue and model call): past it 504 "
+        "inference_timeout; a model call running longer is given up as hung and its thread abandoned.",
+    )
+    inference_max_hung_threads: int = Field(
+        default=2,
+        ge=0,
+        description="Abandoned hung model calls that may still be running before GET /health answers 503 "
+        "(the pod is restarted).",
+    )
+    inference_probe_seconds: float = Field(
+        default=1.0,
+        gt=0,
+        description="After a failed model call, how often the warm-up image is run until one succeeds "
+        "(GET /ready answers 503 meanwhile).",
     )
     host: str = "0.0.0.0"
     port: int = Field(default=8000, ge=1, le=65535)
@@ -107,12 +164,49 @@ class Settings(BaseSettings):
         ge=0,
         description="Predictions that got no feedback are deleted after this many days (0 = kept forever).",
     )
+    feedback_max_rows: int = Field(
+        default=1_000_000,
+        ge=1,
+        description="Most predictions the feedback database keeps; past it the oldest unlabelled ones are "
+        "pruned first, then the oldest labelled ones outside the live accuracy window.",
+    )
+    feedback_max_mb: float = Field(
+        default=160.0,
+        ge=1,
+        description="Most MiB the feedback database file may take (SQLite max_page_count); pruned from 95 %. "
+        "Its WAL adds up to about 8 MiB: keep both under the volume (deploy/README.md).",
+    )
+    feedback_api_key: SecretStr | None = Field(
+        default=None,
+        description="When set, POST /feedback needs it in the X-Feedback-Key header: only trusted labellers "
+        "then move the live accuracy. Unset = whoever got a prediction may label it.",
+    )
+    feedback_rate_per_client: int = Field(
+        default=60,
+        ge=0,
+        description="Feedback requests a minute one client address may send (bursts of as many); 0 = no "
+        "limit. Requests with the FEEDBACK_API_KEY are not limited per client.",
+    )
+    feedback_rate_global: int = Field(
+        default=600,
+        ge=0,
+        description="Feedback requests a minute one process accepts from all clients together; 0 = no limit.",
+    )
 
     @model_validator(mode="after")
     def _drift_window_fits(self) -> Settings:
         if self.drift_min_images > self.drift_window:
             raise ValueError(
                 f"DRIFT_MIN_IMAGES ({self.drift_min_images}) is over DRIFT_WINDOW ({self.drift_window})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _feedback_rows_hold_the_window(self) -> Settings:
+        if self.feedback_max_rows < self.accuracy_window:
+            raise ValueError(
+                f"FEEDBACK_MAX_ROWS ({self.feedback_max_rows}) is under ACCURACY_WINDOW "
+                f"({self.accuracy_window})"
             )
         return self
 

@@ -1,6 +1,8 @@
 # The MLflow tracking server of docker-compose.yml: runs and the model registry in PostgreSQL, artifacts in
 # MinIO (S3), served through the server (--serve-artifacts), so clients (the pipeline, the prediction
-# service) need no S3 credentials. See docker/README.md.
+# service) need no S3 credentials. Basic auth (docker/mlflow-auth.ini): every request needs a user;
+# docker/mlflow_users.py (compose's mlflow-users job) makes the pipeline's and the read-only serving user.
+# See docker/README.md.
 #
 #   docker build -f docker/mlflow.Dockerfile -t catdog-mlflow .
 
@@ -17,8 +19,11 @@ FROM ${BASE_IMAGE} AS runtime
 SHELL ["/bin/sh", "-eu", "-c"]
 RUN groupadd --gid 10001 mlflow \
     && useradd --no-log-init --uid 10001 --gid mlflow --home-dir /var/lib/mlflow --create-home \
-        --shell /usr/sbin/nologin mlflow
+        --shell /usr/sbin/nologin mlflow \
+    && install -d -o mlflow -g mlflow -m 700 /var/lib/mlflow/auth
 COPY --from=builder /opt/venv /opt/venv
+COPY docker/mlflow-auth.ini /etc/mlflow/basic_auth.ini
+COPY docker/mlflow_users.py /opt/mlflow/mlflow_users.py
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1
 WORKDIR /var/lib/mlflow

@@ -2,8 +2,8 @@
 # Deploy the prediction service to a Kubernetes environment: the one way people and the GitHub workflows do it.
 #   render deploy/k8s/overlays/ENV with the image IMAGE:TAG -> apply -> wait for the rollout -> smoke test
 #   (make smoke through a port-forward to a new pod; PUBLIC_URL's /health and a closed /admin when given)
-#   -> on any failure after the apply: kubectl rollout undo (and `make rollback` of @champion when
-#   ROLLBACK_MODEL=1), an alert, exit 1.
+#   -> on any failure after the apply: kubectl rollout undo (and `catdog rollback` of @champion when
+#   ROLLBACK_MODEL=1 and this deploy moved the model), an alert, exit 1.
 #
 # Usage: scripts/deploy.sh ENV TAG            ENV: a folder of deploy/k8s/overlays (staging, production)
 #        scripts/deploy.sh --render ENV TAG   print the manifests it would apply; touches no cluster
@@ -13,8 +13,11 @@
 #   KUBE_CONTEXT       kubectl context (default: the current one)
 #   PUBLIC_HOST        the Ingress host and its TLS certificate's name (production)
 #   PUBLIC_URL         the public base URL: /health must answer 200 there, POST /admin/reload 404
-#   SYNC_SECRET=1      create/update the Secret catdog-secrets from the variables of SECRET_KEYS that are set
-#   ROLLBACK_MODEL=1   on failure also `make rollback` (@champion back to @previous)
+#   SYNC_SECRET=1      create/update the pods' Secret catdog-serving-secrets from ADMIN_API_KEY and the registry's
+#                      READ-ONLY serving user: SERVING_MLFLOW_TRACKING_USERNAME / _PASSWORD (and
+#                      SERVING_MLFLOW_TRACKING_URI, default MLFLOW_TRACKING_URI). Never the pipeline's
+#                      MLFLOW_TRACKING_USERNAME / _PASSWORD (this script's own, for `make rollback`), never S3 keys.
+#   ROLLBACK_MODEL=1   on failure also roll @champion back if this deploy moved it (see fail())
 #   ROLLOUT_TIMEOUT    how long the rollout may take (default 300s)
 #   SMOKE_CMD          the smoke test, {url} replaced by the service's URL (default: make smoke URL={url})
 #   SMOKE_PORT         local port of the smoke test's port-forward (default 18080)
@@ -24,12 +27,16 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 APP=catdog
-SECRET=catdog-secrets
-SECRET_KEYS=(ADMIN_API_KEY MLFLOW_TRACKING_URI MLFLOW_TRACKING_USERNAME MLFLOW_TRACKING_PASSWORD
-    MLFLOW_S3_ENDPOINT_URL AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY)
+SECRET=catdog-serving-secrets
+# The pods' Secret: key=the variable it comes from. Least privilege: the serving user reads the registry and
+# can move no alias; the MLflow server proxies the artifacts (--serve-artifacts), so pods hold no S3 keys.
+SECRET_KEYS=(ADMIN_API_KEY=ADMIN_API_KEY MLFLOW_TRACKING_URI=SERVING_MLFLOW_TRACKING_URI
+    MLFLOW_TRACKING_USERNAME=SERVING_MLFLOW_TRACKING_USERNAME MLFLOW_TRACKING_PASSWORD=SERVING_MLFLOW_TRACKING_PASSWORD)
+# Keys the pods' Secret must never hold: storage credentials (a Secret made out of band is checked too).
+FORBIDDEN_KEYS='^(AWS_ACCESS_KEY_ID|AWS_SECRET_ACCESS_KEY|AWS_SESSION_TOKEN)$'
 SELECTOR=app.kubernetes.io/name=catdog,app.kubernetes.io/component=api
 
-usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 say() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'deploy: %s\n' "$*" >&2; exit 2; }
 
@@ -116,6 +123,13 @@ alert() {
 }
 
 PREVIOUS_REVISION=
+MODEL_SHIPPED=
+MODEL_BEFORE=
+MODEL_ANNOTATION=catdog/model-version
+champion_version() {
+    .venv/bin/python -c 'from catdog.config import Project; from catdog.registry.promotion import open_registry
+champion = open_registry(Project()).by_alias("champion"); print(champion.version if champion else "")'
+}
 fail() {
     local why=$1 rolled="no previous revision: nothing rolled back"
     say "FAILED: $why"
@@ -129,9 +143,20 @@ fail() {
         fi
     fi
     if [ "${ROLLBACK_MODEL:-0}" = 1 ]; then
-        say "rolling the registry back: make rollback (@champion -> @previous)"
-        if make --no-print-directory rollback; then rolled+="; @champion rolled back to @previous"
-        else rolled+="; make rollback FAILED"
+        # The model is rolled back only when this deploy moved it: @champion (read before the apply) is not the
+        # version the last good deploy ran (the Deployment's annotation $MODEL_ANNOTATION). A deploy of the same
+        # model failing (kubectl trouble, a retry) says nothing about the model; --expect-champion refuses when
+        # @champion moved meanwhile (another rollback, a promotion), so no one else's move is undone.
+        if [ -z "$MODEL_SHIPPED" ] || [ -z "$MODEL_BEFORE" ] || [ "$MODEL_SHIPPED" = "$MODEL_BEFORE" ]; then
+            rolled+="; @champion ${MODEL_SHIPPED:-(none)} left alone: this deploy did not move the model"
+            rolled+=" (the last good deploy ran ${MODEL_BEFORE:-an unrecorded version})"
+        else
+            say "model $MODEL_BEFORE -> $MODEL_SHIPPED came with this deploy: catdog rollback of @champion $MODEL_SHIPPED"
+            if .venv/bin/python -m catdog rollback --expect-champion "$MODEL_SHIPPED" \
+                --reason "deploy of $IMAGE:$TAG to $ENV_NAME failed: $why"; then
+                rolled+="; @champion $MODEL_SHIPPED rolled back"
+            else rolled+="; catdog rollback of @champion $MODEL_SHIPPED FAILED or was refused"
+            fi
         fi
     fi
     alert "$why; $rolled"
@@ -140,20 +165,37 @@ fail() {
 
 # --- the Secret: created out of band, or here from the environment (the workflows' environment secrets).
 if [ "${SYNC_SECRET:-0}" = 1 ]; then
+    SERVING_MLFLOW_TRACKING_URI=${SERVING_MLFLOW_TRACKING_URI:-${MLFLOW_TRACKING_URI:-}}
+    if [ -n "${MLFLOW_TRACKING_USERNAME:-}" ] && [ -z "${SERVING_MLFLOW_TRACKING_USERNAME:-}" ]; then
+        die "SYNC_SECRET=1: the registry has users but SERVING_MLFLOW_TRACKING_USERNAME is unset: give the pods the read-only serving user (deploy/README.md), never the pipeline's"
+    fi
+    if [ -n "${SERVING_MLFLOW_TRACKING_USERNAME:-}" ] &&
+        [ "${SERVING_MLFLOW_TRACKING_USERNAME}" = "${MLFLOW_TRACKING_USERNAME:-}" ]; then
+        die "SERVING_MLFLOW_TRACKING_USERNAME is the pipeline's user ($MLFLOW_TRACKING_USERNAME): the pods must get the read-only serving user"
+    fi
     args=()
-    for key in "${SECRET_KEYS[@]}"; do
-        [ -n "${!key:-}" ] && args+=("--from-literal=$key=${!key}")
+    for pair in "${SECRET_KEYS[@]}"; do
+        key=${pair%%=*} var=${pair#*=}
+        [ -n "${!var:-}" ] && args+=("--from-literal=$key=${!var}")
     done
-    [ ${#args[@]} -gt 0 ] || die "SYNC_SECRET=1 but none of ${SECRET_KEYS[*]} is set"
+    [ ${#args[@]} -gt 0 ] || die "SYNC_SECRET=1 but none of ${SECRET_KEYS[*]#*=} is set"
     say "secret/$SECRET in $NAMESPACE from the environment (${#args[@]} keys)"
     "${KUBECTL[@]}" create namespace "$NAMESPACE" --dry-run=client -o yaml | "${KUBECTL[@]}" apply -f - >/dev/null
     "${K[@]}" create secret generic "$SECRET" "${args[@]}" --dry-run=client -o yaml | "${K[@]}" apply -f - >/dev/null
-elif ! "${K[@]}" get secret "$SECRET" >/dev/null 2>&1; then
+elif ! keys=$("${K[@]}" get secret "$SECRET" -o go-template='{{range $k, $v := .data}}{{$k}}{{"\n"}}{{end}}' 2>/dev/null); then
     die "secret/$SECRET is missing in namespace $NAMESPACE: create it (deploy/k8s/base/secret.example.yaml) or set SYNC_SECRET=1"
+elif forbidden=$(grep -E "$FORBIDDEN_KEYS" <<<"$keys"); then
+    die "secret/$SECRET in $NAMESPACE holds storage credentials ($(tr '\n' ' ' <<<"$forbidden")): the pods need none (deploy/README.md); remove them"
 fi
 
 PREVIOUS_REVISION=$("${K[@]}" get "deployment/$APP" --ignore-not-found \
     -o jsonpath='{.metadata.annotations.deployment\.kubernetes\.io/revision}')
+if [ "${ROLLBACK_MODEL:-0}" = 1 ]; then
+    MODEL_SHIPPED=$(champion_version) || die "cannot read @champion from the registry (ROLLBACK_MODEL=1)"
+    MODEL_BEFORE=$("${K[@]}" get "deployment/$APP" --ignore-not-found \
+        -o jsonpath="{.metadata.annotations.$MODEL_ANNOTATION}")
+    say "model: @champion ${MODEL_SHIPPED:-none}; the last good deploy ran ${MODEL_BEFORE:-an unrecorded version}"
+fi
 say "deploying $IMAGE:$TAG to $ENV_NAME (namespace $NAMESPACE; current revision: ${PREVIOUS_REVISION:-none})"
 "${KUBECTL[@]}" apply -f "$WORK/manifests.yaml" || fail "kubectl apply"
 "${K[@]}" rollout status "deployment/$APP" --timeout="$ROLLOUT_TIMEOUT" || fail "the rollout did not finish in $ROLLOUT_TIMEOUT"
@@ -181,5 +223,9 @@ if [ -n "${PUBLIC_URL:-}" ]; then
     curl -fsS --max-time 15 -o /dev/null "$url/health" || fail "$url/health does not answer 200"
     code=$(curl -s --max-time 15 -o /dev/null -w '%{http_code}' -X POST "$url/admin/reload")
     [ "$code" = 404 ] || fail "$url/admin/reload answered $code: the admin routes must not be public (expected 404)"
+fi
+if [ -n "$MODEL_SHIPPED" ]; then  # the model version this environment ran through a good deploy: see fail()
+    "${K[@]}" annotate "deployment/$APP" "$MODEL_ANNOTATION=$MODEL_SHIPPED" --overwrite >/dev/null ||
+        say "warning: deployment/$APP not annotated $MODEL_ANNOTATION=$MODEL_SHIPPED"
 fi
 say "deployed $IMAGE:$TAG to $ENV_NAME"

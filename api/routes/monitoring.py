@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Request, Security
+from fastapi import APIRouter, Header, Request, Security
 from pydantic import BaseModel, Field
 
 from api import errors
@@ -14,21 +14,41 @@ from api.errors import ApiError
 from api.schemas import DriftReport, FeedbackIn, FeedbackOut, PerformanceReport
 
 router = APIRouter(tags=["monitoring"])
+# A plain optional header, not a security scheme: whether it is needed depends on the deployment
+# (FEEDBACK_API_KEY), and a declared scheme would tell clients and schema-driven tools it always is.
+FeedbackKey = Annotated[
+    str | None,
+    Header(
+        alias="X-Feedback-Key",
+        max_length=256,
+        description="The service's FEEDBACK_API_KEY; needed only when the service sets one.",
+    ),
+]
 
 
 @router.post(
     "/feedback",
     response_model=FeedbackOut,
     summary="Record the true label of a prediction",
-    responses=errors.responses(400, 404, 409, 422, 503),
+    responses=errors.responses(400, 401, 403, 404, 409, 422, 429, 503),
 )
-async def feedback(request: Request, store: FeedbackDep, body: FeedbackIn) -> FeedbackOut:
-    """`{"request_id", "true_label"}` for a prediction this service made (kept across restarts). 404 for an
-    unknown request id, 422 for a label the model does not have, 409 when a different true label was
-    already recorded; sending the same label again is accepted and changes nothing."""
-    result = await store.record(body.request_id, body.true_label)
+async def feedback(
+    request: Request,
+    store: FeedbackDep,
+    body: FeedbackIn,
+    key: FeedbackKey = None,
+) -> FeedbackOut:
+    """`{"prediction_id", "true_label"}` for a prediction this service made (kept across restarts). The
+    first label wins: 409 for a different one, the same again changes nothing. 404 for an unknown prediction
+    id, 422 for a label the model does not have; 401/403 without the X-Feedback-Key when FEEDBACK_API_KEY is
+    set; 429 over the rate limits and 503 while the database is locked or full (both with Retry-After)."""
+    client = request.client.host if request.client else "unknown"
+    store.admit(client, key)
+    result = await store.record(body.prediction_id, body.true_label, client)
     request.state.log = {
-        "feedback_for": body.request_id,
+        "feedback_for": body.prediction_id,
+        "prediction_request_id": result["request_id"],
+        "feedback_client": client,
         "true_label": body.true_label,
         "correct": result["correct"],
         "feedback": result["status"],

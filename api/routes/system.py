@@ -15,23 +15,41 @@ from api.schemas import Health, ModelOut, ModelRef, Readiness
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/health", response_model=Health, summary="Liveness: the process answers")
-async def health() -> Health:
-    """Always 200 while the process runs (it does not look at the model: see /ready)."""
-    return Health(status="ok")
+@router.get(
+    "/health",
+    response_model=Health,
+    summary="Liveness: the process can serve (or recover)",
+    responses={503: {"model": Health, "description": "Only a restart can help."}},
+)
+async def health(predictor: PredictorDep) -> Response:
+    """200 while the process can serve or recover by itself, with or without a model (see /ready); 503
+    when only a restart helps: the inference loop could not be restarted, more than
+    INFERENCE_MAX_HUNG_THREADS hung model calls are still running, or the canary kept failing."""
+    problem = predictor.batcher.unrecoverable
+    if problem is not None:
+        return JSONResponse(Health(status="unhealthy", detail=problem).model_dump(), status_code=503)
+    return JSONResponse(Health(status="ok").model_dump(exclude_none=True))
 
 
 @router.get(
     "/ready",
     response_model=Readiness,
     summary="Readiness: a model is loaded and warmed up",
-    responses={503: {"model": Readiness, "description": "No model is serving yet (or it failed to load)."}},
+    responses={
+        503: {
+            "model": Readiness,
+            "description": "No model is serving (loading, or it failed to load), or inference is failing or "
+            "hung until a model call works again.",
+        }
+    },
 )
 async def ready(predictor: PredictorDep) -> Response:
-    """200 only once a model is loaded and has answered a warm-up prediction; 503 (with the reason) before."""
+    """200 only once a model is loaded, has answered a warm-up prediction, and no model call has failed since
+    the last one that worked; 503 with a short reason otherwise."""
     bundle = predictor.bundle
-    if bundle is None:
-        body = Readiness(status="not_ready", ready=False, detail=predictor.status)
+    if bundle is None or not predictor.ready:
+        model = ModelRef(name=bundle.name, version=bundle.version) if bundle else None
+        body = Readiness(status="not_ready", ready=False, model=model, detail=predictor.reason)
         return JSONResponse(body.model_dump(), status_code=503)
     body = Readiness(
         status="ready", ready=True, model=ModelRef(name=bundle.name, version=bundle.version), detail="ready"

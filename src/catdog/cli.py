@@ -136,9 +136,15 @@ def register(root: Path | None = RootOption) -> None:
 @app.command()
 def promote(
     root: Path | None = RootOption,
-    version: str | None = typer.Option(None, help="A registered version (default: @challenger)."),
+    version: str | None = typer.Option(
+        None, help="A registered version (default: @challenger; a rolled-back one only when named)."
+    ),
 ) -> None:
-    """Run the promotion gates on the challenger; all pass -> it becomes @champion (exit 3 otherwise)."""
+    """Run the promotion gates on the challenger; all pass -> it becomes @champion (exit 3 otherwise).
+
+    Holds the registry's lease (exit 75 while another promote or rollback holds it) and completes a move a
+    killed promote or rollback left half done.
+    """
     from catdog.config import Project
     from catdog.registry.promotion import promote as promote_model
 
@@ -148,14 +154,24 @@ def promote(
 @app.command()
 def rollback(
     root: Path | None = RootOption,
-    to: str | None = typer.Option(None, "--to", help="The version to roll back to (default: @previous)."),
+    to: str | None = typer.Option(
+        None, "--to", help="The version to roll back to (default: the newest older gated one, see @previous)."
+    ),
     reason: str = typer.Option("manual rollback", help="Why, for the audit log."),
+    expect_champion: str | None = typer.Option(
+        None, "--expect-champion", help="Refuse (exit 2) unless @champion is this version."
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the move; change nothing."),
 ) -> None:
-    """Point @champion back at @previous (or --to VERSION); the serving service follows."""
+    """Point @champion at the newest older version that passed the gates and was never rolled back from.
+
+    The version left is tagged rolled_back=true: no later rollback or scheduled promotion returns to it.
+    Holds the registry's lease (exit 75 while another promote or rollback holds it).
+    """
     from catdog.config import Project
     from catdog.registry.promotion import rollback as rollback_model
 
-    rollback_model(Project(root), to, reason)
+    rollback_model(Project(root), to, reason, expect_champion, dry_run)
 
 
 @app.command()

@@ -95,7 +95,21 @@ def _as_stream(source: ImageSource) -> BinaryIO:
         if path.stat().st_size == 0:
             raise ImageDecodeError("empty", "the file is empty (0 bytes)")
         return path.open("rb")
+    start = source.tell()
+    if source.seek(0, io.SEEK_END) == start:
+        raise ImageDecodeError("empty", "the file is empty (0 bytes)")
+    source.seek(start)
     return source
+
+
+def _reason(exc: BaseException) -> str:
+    """An exception as a short phrase for an error message (its type when it has no text)."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+
+
+def _corrupt(exc: BaseException) -> ImageDecodeError:
+    return ImageDecodeError("truncated", f"the image data is truncated or corrupt: {_reason(exc)}")
 
 
 def open_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -109,8 +123,13 @@ def open_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
         raise ImageDecodeError("too_large", f"image dimensions exceed the limit: {exc}") from exc
     except UnidentifiedImageError as exc:
         raise ImageDecodeError("not_an_image", "the content is not a recognised image format") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageDecodeError("not_an_image", f"the image header cannot be read: {exc}") from exc
+    except MemoryError:
+        raise
+    except Exception as exc:
+        # Pillow's format plugins raise whatever their parsers hit on a malformed header (OSError,
+        # SyntaxError, ValueError, but also TypeError, IndexError, struct.error, ZeroDivisionError in
+        # a fuzz of mutated TIFF and GIF files): all of them mean "not a readable image".
+        raise ImageDecodeError("not_an_image", f"the image header cannot be read: {_reason(exc)}") from exc
     if img.format not in SUPPORTED_FORMATS:
         raise ImageDecodeError(
             "unsupported_format",
@@ -147,14 +166,15 @@ def mode_issues(img: Image.Image) -> tuple[str, ...]:
 def inspect(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
     """Header facts of an image (format, mode, size, frames, convertible issues) without decoding pixels."""
     img = open_image(source, max_pixels=max_pixels)
-    return ImageInfo(
-        format=str(img.format),
-        mode=img.mode,
-        width=img.width,
-        height=img.height,
-        frames=int(getattr(img, "n_frames", 1)),
-        issues=mode_issues(img),
-    )
+    try:
+        frames = int(getattr(img, "n_frames", 1))
+        issues = mode_issues(img)
+    except MemoryError:
+        raise
+    except Exception as exc:
+        # Counting frames walks the file (GIF, TIFF, WebP): a corrupt frame table fails here.
+        raise _corrupt(exc) from exc
+    return ImageInfo(str(img.format), img.mode, img.width, img.height, frames, issues)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -169,7 +189,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
     elif mode == "F":
         img = Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8))
         mode = "L"
-    if mode == "P" or mode == "PA":
+    if mode == "P" and "transparency" in img.info:
+        return _palette_on_white(img)
+    if mode == "PA":
         img = img.convert("RGBA")
         mode = "RGBA"
     if mode in {"RGBA", "LA", "RGBa", "La"}:
@@ -177,6 +199,146 @@ def to_rgb(img: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB")
+
+
+def _palette_on_white(img: Image.Image) -> Image.Image:
+    """A palette image with transparency composited on white in the palette itself, then expanded to RGB.
+
+    Every pixel of a palette image takes its entry's colour and alpha, so blending each entry with white
+    gives the same picture as expanding to RGBA and compositing (P -> RGBA -> composite -> RGB held three
+    full-size copies, 9 bytes a pixel: a 39 KB 6320x6320 PNG cost ~550 MB); this needs 5 (index copy + RGB).
+    """
+    palette = img.getpalette("RGB") or []
+    colours = np.full((256, 3), 255, dtype=np.float32)
+    known = np.asarray(palette, dtype=np.float32).reshape(-1, 3)[:256]
+    colours[: len(known)] = known
+    alpha = np.full(256, 255, dtype=np.float32)
+    transparency = img.info["transparency"]
+    if isinstance(transparency, bytes):
+        values = np.frombuffer(transparency, dtype=np.uint8)[:256]
+        alpha[: len(values)] = values
+    elif isinstance(transparency, int) and 0 <= transparency < 256:
+        alpha[transparency] = 0
+    weight = (alpha / 255.0)[:, None]
+    blended = colours * weight + np.asarray(BACKGROUND, dtype=np.float32) * (1 - weight)
+    flat = img.copy()  # the caller's image keeps its palette
+    flat.putpalette(np.clip(np.round(blended), 0, 255).astype(np.uint8).tobytes(), "RGB")
+    flat.info.pop("transparency", None)
+    return flat.convert("RGB")
+
+
+# Bytes a pixel that decoding holds at its peak, by the mode the decoder produces. Pillow stores 1, L
+# and P in 1 byte, I;16 in 2 and every other mode (RGB, LA included) in 4; the peak adds the largest
+# full-size intermediate on the way to the model-sized RGB picture (the shrink happens in the decoded
+# mode: RGBA/LA are premultiplied for the resize, one more copy; P expands to RGB; 1 becomes L) and
+# about one byte of decoder and allocator slack. Measured peaks (RSS growth of one 6320x6320 decode,
+# bytes a pixel): P 5.9-6.7, RGBA/LA 8.8, RGB/CMYK/I/F 4.8-4.9, I;16 2.8, 1 2.7, WebP RGBA 10.0;
+# tests/unit/test_decode_memory.py fails when a decode's peak exceeds its estimate.
+PEAK_BYTES_PER_PIXEL: dict[str, int] = {
+    "1": 3,
+    "L": 2,
+    "P": 7,
+    "PA": 13,
+    "LA": 9,
+    "La": 9,
+    "I;16": 3,
+    "I;16B": 3,
+    "I;16L": 3,
+    "I;16N": 3,
+    "I": 5,
+    "F": 5,
+    "RGB": 5,
+    "YCbCr": 5,
+    "LAB": 5,
+    "HSV": 5,
+    "RGBX": 5,
+    "RGBA": 9,
+    "RGBa": 9,
+    "CMYK": 5,
+}
+UNKNOWN_MODE_BYTES_PER_PIXEL = 13
+# Decoders that hold more than the image while decoding: libwebp decodes into its own buffer first.
+DECODER_EXTRA_BYTES_PER_PIXEL: dict[str, int] = {"WEBP": 2}
+# What any decode costs beyond its pixels (decoder state, the model-sized picture, headers).
+DECODE_OVERHEAD_BYTES = 8 * 1024 * 1024
+
+
+@dataclass
+class DecodePlan:
+    """An opened image (header read, pixels not decoded) and what decoding it will cost.
+
+    `decode` is `plan_decode(...).run()`; the service plans first, reserves `cost_bytes` of its decode
+    memory budget, then runs, so a small file that decodes to a huge picture is refused or waits before
+    any pixel is allocated.
+    """
+
+    image: Image.Image
+    size: int | None
+    resize: ResizePolicy
+    original_size: tuple[int, int]
+    decoded_size: tuple[int, int]
+    cost_bytes: int
+
+    def run(self, min_side: int = 1) -> Image.Image:
+        """Decode, turn upright, shrink in the decoded mode, then convert to 8-bit RGB."""
+        img = self.image
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                img.load()
+        except MemoryError:
+            raise
+        except Exception as exc:
+            # As in open_image: any parser exception while decoding the pixels means corrupt data.
+            raise _corrupt(exc) from exc
+        img = _upright(img)
+        if min(img.size) < min_side:
+            raise ImageDecodeError(
+                "too_small", f"image is {img.width}x{img.height}, below the minimum side of {min_side} pixels"
+            )
+        if self.size is None:
+            return to_rgb(img)
+        try:
+            return resize_image(img, self.size, self.resize)
+        except MemoryError:
+            raise
+        except Exception as exc:
+            # A mode or palette that the header promised but the data does not hold.
+            raise _corrupt(exc) from exc
+
+
+def decode_cost(mode: str, image_format: str | None, width: int, height: int) -> int:
+    """Peak bytes that decoding a `width`x`height` image of `mode` to the model's input holds."""
+    per_pixel = PEAK_BYTES_PER_PIXEL.get(mode, UNKNOWN_MODE_BYTES_PER_PIXEL)
+    per_pixel += DECODER_EXTRA_BYTES_PER_PIXEL.get(image_format or "", 0)
+    return width * height * per_pixel + DECODE_OVERHEAD_BYTES
+
+
+def plan_decode(
+    source: ImageSource,
+    *,
+    size: int | None = None,
+    resize: ResizePolicy = "center_crop",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> DecodePlan:
+    """Open an image's header and work out the decode: JPEG draft size, and the peak memory it needs."""
+    img = open_image(source, max_pixels=max_pixels)
+    original = img.size
+    if size is not None and img.format == "JPEG":
+        try:
+            img.draft(None, _draft_size(img.width, img.height, size, resize))
+        except MemoryError:
+            raise
+        except Exception as exc:
+            raise _corrupt(exc) from exc
+    return DecodePlan(
+        image=img,
+        size=size,
+        resize=resize,
+        original_size=original,
+        decoded_size=img.size,
+        cost_bytes=decode_cost(img.mode, img.format, img.width, img.height),
+    )
 
 
 def _draft_size(width: int, height: int, size: int, policy: ResizePolicy) -> tuple[int, int]:
@@ -194,24 +356,7 @@ def decode(
     min_side: int = 1,
 ) -> Image.Image:
     """Decode to an upright 8-bit RGB image, resized to `size`x`size` when `size` is given."""
-    img = open_image(source, max_pixels=max_pixels)
-    if size is not None and img.format == "JPEG":
-        img.draft(None, _draft_size(img.width, img.height, size, resize))
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            img.load()
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageDecodeError("truncated", f"the image data is truncated or corrupt: {exc}") from exc
-    img = _upright(img)
-    if min(img.size) < min_side:
-        raise ImageDecodeError(
-            "too_small", f"image is {img.width}x{img.height}, below the minimum side of {min_side} pixels"
-        )
-    img = to_rgb(img)
-    if size is not None:
-        img = resize_image(img, size, resize)
-    return img
+    return plan_decode(source, size=size, resize=resize, max_pixels=max_pixels).run(min_side)
 
 
 def _upright(img: Image.Image) -> Image.Image:
@@ -224,15 +369,34 @@ def _upright(img: Image.Image) -> Image.Image:
         return img
 
 
+# Modes whose pixels Pillow resizes with the requested filter (it falls back to nearest neighbour for
+# "1" and "P", so those become L/RGB first, at full size).
+_RESIZABLE = frozenset(
+    {"L", "LA", "La", "I", "F", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
+)
+_RESIZABLE |= SIXTEEN_BIT_MODES
+
+
 def resize_image(img: Image.Image, size: int, policy: ResizePolicy = "center_crop") -> Image.Image:
-    """Square `size`x`size`: shorter side to size then centre crop, or the whole image letterboxed."""
-    if img.size == (size, size):
-        return img
-    if policy == "center_crop":
-        return ImageOps.fit(img, (size, size), method=Image.Resampling.BICUBIC)
-    if policy == "letterbox":
-        return ImageOps.pad(img, (size, size), method=Image.Resampling.BICUBIC, color=BACKGROUND)
-    raise ValueError(f"unknown resize policy {policy!r} (use center_crop or letterbox)")
+    """Square `size`x`size` RGB: shorter side to size then centre crop, or the whole image letterboxed.
+
+    The shrink runs in the decoded mode and the conversion to RGB on the small picture, so no full-size
+    RGB/RGBA copy is made (compositing alpha on white commutes with the premultiplied resize).
+    """
+    if policy not in ("center_crop", "letterbox"):
+        raise ValueError(f"unknown resize policy {policy!r} (use center_crop or letterbox)")
+    if img.mode not in _RESIZABLE:
+        img = to_rgb(img) if img.mode in {"P", "PA"} else img.convert("L")
+    if img.size != (size, size):
+        method = Image.Resampling.BICUBIC
+        if policy == "center_crop":
+            img = ImageOps.fit(img, (size, size), method=method)
+        else:
+            img = ImageOps.contain(img, (size, size), method=method)
+    rgb = to_rgb(img)
+    if rgb.size != (size, size):
+        rgb = ImageOps.pad(rgb, (size, size), method=Image.Resampling.BICUBIC, color=BACKGROUND)
+    return rgb
 
 
 def normalize(rgb: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
@@ -261,7 +425,12 @@ def preprocess(
     img = decode(source, size=config.size, resize=config.resize, max_pixels=max_pixels)
     if transform is not None:
         img = resize_image(transform(img), config.size, config.resize)
-    return normalize(np.asarray(img), config.mean, config.std)
+    return model_input(img, config)
+
+
+def model_input(picture: Image.Image, config: PreprocessConfig) -> np.ndarray:
+    """The model-sized RGB picture (from `decode` with the config's size) as the model's input."""
+    return normalize(np.asarray(picture), config.mean, config.std)
 
 
 def preprocess_batch(

@@ -1,8 +1,9 @@
 """`python -m catdog.replay URL --images DIR`: post-deployment performance tracking against a live service.
 
 Posts each labelled photo of DIR (PetImages/{Cat,Dog}, {Cat,Dog} or {cat,dog}) to the running prediction
-service, then its true label to POST /feedback, and prints the live accuracy and drift the service reports.
-Standard library only, so it runs anywhere Python does.
+service, then its true label to POST /feedback (under the prediction_id the service minted; with the
+X-Feedback-Key when given or in $FEEDBACK_API_KEY; waiting out 429 answers), and prints the live accuracy and
+drift the service reports. Standard library only, so it runs anywhere Python does.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import argparse
 import base64
 import itertools
 import json
+import os
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -20,6 +23,8 @@ from typing import Any
 
 LABELS = ("cat", "dog")
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"})
+RATE_LIMIT_RETRIES = 5  # 429 answers waited out (Retry-After, at most MAX_WAIT_S each) before giving up
+MAX_WAIT_S = 60.0
 
 
 class ReplayError(Exception):
@@ -47,26 +52,43 @@ def labelled_images(folder: Path) -> list[tuple[Path, str]]:
 class Service:
     """JSON calls to the prediction service at `url`."""
 
-    def __init__(self, url: str, timeout: float) -> None:
+    def __init__(self, url: str, timeout: float, feedback_key: str | None = None) -> None:
         self.url = url.rstrip("/")
         self.timeout = timeout
+        self.feedback_key = feedback_key
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
-        """(HTTP status, JSON answer); ReplayError when the service cannot be reached."""
+        """(HTTP status, JSON answer), after waiting out up to RATE_LIMIT_RETRIES 429 answers (Retry-After);
+        ReplayError when the service cannot be reached."""
+        for _ in range(RATE_LIMIT_RETRIES):
+            status, answer, retry_after = self._send(method, path, body)
+            if status != 429:
+                break
+            time.sleep(min(retry_after, MAX_WAIT_S))
+        return status, answer
+
+    def _send(self, method: str, path: str, body: dict[str, Any] | None) -> tuple[int, dict[str, Any], float]:
+        headers = {"content-type": "application/json", "accept": "application/json"}
+        if self.feedback_key and path == "/feedback":
+            headers["x-feedback-key"] = self.feedback_key
         request = urllib.request.Request(
             self.url + path,
             data=json.dumps(body).encode() if body is not None else None,
             method=method,
-            headers={"content-type": "application/json", "accept": "application/json"},
+            headers=headers,
         )
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                return response.status, json.loads(response.read() or b"{}")
+                return response.status, json.loads(response.read() or b"{}"), 0.0
         except urllib.error.HTTPError as exc:
             try:
-                return exc.code, json.loads(exc.read() or b"{}")
+                wait = float(exc.headers.get("retry-after") or 1)
             except ValueError:
-                return exc.code, {}
+                wait = 1.0
+            try:
+                return exc.code, json.loads(exc.read() or b"{}"), wait
+            except ValueError:
+                return exc.code, {}, wait
         except (urllib.error.URLError, OSError, ValueError) as exc:
             reason = getattr(exc, "reason", exc)
             raise ReplayError(f"cannot reach the prediction service at {self.url}: {reason}") from exc
@@ -91,7 +113,7 @@ def replay(service: Service, images: list[tuple[Path, str]]) -> dict[str, Any]:
             refused[answer.get("error", {}).get("code", str(status))] += 1
             continue
         status, given = service.call(
-            "POST", "/feedback", {"request_id": answer["request_id"], "true_label": label}
+            "POST", "/feedback", {"prediction_id": answer["prediction_id"], "true_label": label}
         )
         if status != 200:
             raise ReplayError(f"feedback for {path} was refused ({status} {_error(given)})")
@@ -143,12 +165,17 @@ def main(argv: list[str] | None = None) -> None:
         "--limit", type=int, default=None, help="at most this many images (classes alternate)"
     )
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per HTTP call")
+    parser.add_argument(
+        "--feedback-key",
+        default=os.environ.get("FEEDBACK_API_KEY"),
+        help="the service's FEEDBACK_API_KEY (default: $FEEDBACK_API_KEY), sent as X-Feedback-Key",
+    )
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be at least 1")
     try:
         images = labelled_images(args.images)[: args.limit]
-        service = Service(args.url, args.timeout)
+        service = Service(args.url, args.timeout, args.feedback_key)
         result = replay(service, images)
     except ReplayError as exc:
         sys.exit(f"replay failed: {exc}")

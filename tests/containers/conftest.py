@@ -2,7 +2,8 @@
 when these tests started it), the locally made base image, the serving image built from ./Dockerfile, the
 tiny model as a folder the container's user can read, and real photos that model labels right.
 
-Where no engine can run (no root to start dockerd, no Docker at all) the tests skip and say why."""
+Where no engine can run (no root to start dockerd, no Docker at all) the tests skip and say why; under CI
+(CI=true) they fail instead (tests/missing_tool.py)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from docker_cli import (
     image_size,
 )
 from filelock import FileLock
+from missing_tool import missing_tool
 
 IMAGE_LABEL = "org.opencontainers.image.title=catdog-api"  # the serving image's runtime stage (Dockerfile)
 
@@ -75,10 +77,10 @@ def _start_engine(request: pytest.FixtureRequest) -> str | None:
         if shutil.which("dockerd") is None or shutil.which("docker") is None:
             done = engine_script("install")
             if done.returncode != 0:
-                pytest.skip(f"Docker is not installed and cannot be here: {_last_lines(done.stderr)}")
+                missing_tool(f"Docker is not installed and cannot be here: {_last_lines(done.stderr)}")
         done = engine_script("start", timeout=120)
         if done.returncode != 0:
-            pytest.skip(f"the Docker engine cannot start on this machine: {_last_lines(done.stderr)}")
+            missing_tool(f"the Docker engine cannot start on this machine: {_last_lines(done.stderr)}")
         if done.stdout.startswith("started "):
             started_pid = done.stdout.split()[1]
             report(request, f"dockerd started for the container tests (pid {started_pid})")

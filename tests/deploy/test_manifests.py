@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 import yaml
+from missing_tool import missing_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 LINT = ROOT / "scripts" / "lint_deploy.sh"
@@ -31,6 +32,8 @@ DEPLOY = ROOT / "scripts" / "deploy.sh"
 OVERLAYS = ("staging", "production")
 ALIASES = {"staging": "models:/catdog@challenger", "production": "models:/catdog@champion"}
 PUBLIC_PATHS = ("/", "/predict", "/predict/batch", "/predict/base64", "/feedback", "/health", "/ready")
+SERVING_SECRET = "catdog-serving-secrets"
+PIPELINE_SECRET = "catdog-pipeline-secrets"
 PRIVATE_PATHS = ("/admin", "/admin/reload", "/metrics", "/monitoring/window", "/monitoring/drift", "/docs")
 
 
@@ -64,9 +67,9 @@ def kubectl() -> str:
     """kubectl on PATH, installed with apt-get (Debian's kubernetes-client) by lint_deploy.sh when missing."""
     if shutil.which("kubectl") is None:
         if shutil.which("apt-get") is None:
-            pytest.skip("kubectl is missing and this machine has no apt-get to install it: install kubectl")
+            missing_tool("kubectl is missing and this machine has no apt-get to install it: install kubectl")
         if os.geteuid() != 0 and subprocess.run(["sudo", "-n", "true"], capture_output=True).returncode:
-            pytest.skip("kubectl is missing and installing it with apt-get needs root or passwordless sudo")
+            missing_tool("kubectl is missing and installing it with apt-get needs root or passwordless sudo")
         passed(lint("ensure-kubectl"))
     found = shutil.which("kubectl")
     assert found, "lint_deploy.sh ensure-kubectl succeeded but kubectl is not on PATH"
@@ -170,6 +173,10 @@ def test_workflows_follow_the_branch_model():
         assert deploy["needs"] == "ci" and deploy["environment"]["name"] == environment
         runs = [step.get("run", "") for step in deploy["steps"]]
         assert any(f"make deploy ENV={name}" in run for run in runs)
+        # Least privilege: the pods' Secret gets the read-only serving user; the deploy step sees no S3 key.
+        (step,) = [step for step in deploy["steps"] if f"make deploy ENV={name}" in step.get("run", "")]
+        assert "secrets.SERVING_MLFLOW_TRACKING_USERNAME" in step["env"]["SERVING_MLFLOW_TRACKING_USERNAME"]
+        assert not [key for key in {**deploy["env"], **step["env"]} if key.startswith("AWS_")], name
     staging_runs = "\n".join(step.get("run", "") for step in flows["staging"]["jobs"]["staging"]["steps"])
     assert staging_runs.index("make deploy") < staging_runs.index("make promote")
     images = flows["ci"]["jobs"]["images"]
@@ -277,12 +284,39 @@ def test_settings_come_from_the_configmap_and_the_out_of_band_secret(rendered, o
     )
     sources = container(docs)["envFrom"]
     assert {"configMapRef": {"name": one(docs, "ConfigMap")["metadata"]["name"]}} in sources
-    assert {"secretRef": {"name": "catdog-secrets"}} in sources
+    assert {"secretRef": {"name": SERVING_SECRET}} in sources
     fields = set(Settings.model_fields)
     unknown = [key for key in config(docs) if key.lower() not in fields]
     assert not unknown, f"ConfigMap keys that are no setting of api/settings.py: {unknown}"
-    example = yaml.safe_load((ROOT / "deploy" / "k8s" / "base" / "secret.example.yaml").read_text())
-    assert example["metadata"]["name"] == "catdog-secrets" and "ADMIN_API_KEY" in example["stringData"]
+    examples = secret_examples()
+    assert "ADMIN_API_KEY" in examples[SERVING_SECRET]
+
+
+def secret_examples() -> dict[str, dict[str, str]]:
+    path = ROOT / "deploy" / "k8s" / "base" / "secret.example.yaml"
+    return {doc["metadata"]["name"]: doc["stringData"] for doc in yaml.safe_load_all(path.read_text()) if doc}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pods_reference_only_the_read_only_serving_secret(rendered, overlay):
+    """Least privilege: the pods hold the registry's serving user and no storage keys; the pipeline's Secret
+    (the user that moves @champion, the S3 keys) is referenced by nothing that serves."""
+    pod = one(rendered[overlay], "Deployment")["spec"]["template"]["spec"]
+    names = set()
+    for item in pod["containers"] + pod.get("initContainers", []):
+        names |= {source["secretRef"]["name"] for source in item.get("envFrom", []) if "secretRef" in source}
+        names |= {
+            env["valueFrom"]["secretKeyRef"]["name"]
+            for env in item.get("env", [])
+            if "secretKeyRef" in env.get("valueFrom", {})
+        }
+    names |= {volume["secret"]["secretName"] for volume in pod.get("volumes", []) if "secret" in volume}
+    assert names == {SERVING_SECRET}
+    examples = secret_examples()
+    assert set(examples) == {SERVING_SECRET, PIPELINE_SECRET}
+    serving, pipeline = examples[SERVING_SECRET], examples[PIPELINE_SECRET]
+    assert not [key for key in serving if key.startswith("AWS_")], "the pods need no S3 keys"
+    assert serving["MLFLOW_TRACKING_USERNAME"] != pipeline["MLFLOW_TRACKING_USERNAME"]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -343,13 +377,13 @@ def test_production_is_https_only_and_keeps_the_admin_routes_private(rendered):
 # ---------------------------------------------------------------- scripts/deploy.sh
 
 
-def deploy(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def deploy(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["bash", str(DEPLOY), *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
         env={**os.environ, **env},
     )
 
@@ -380,7 +414,10 @@ FAKE_KUBECTL = """#!/usr/bin/env bash
 echo "$*" >> "$FAKE_LOG"
 case "$*" in
   kustomize*) exec "$REAL_KUBECTL" "$@" ;;
-  *"get secret"*) exit 0 ;;
+  *"get secret"*) printf '%b' "${FAKE_SECRET_KEYS:-}" ;;
+  *"create namespace"* | *"create secret"*) echo "kind: Secret" ;;
+  *annotate*) exit 0 ;;
+  *"model-version"*) echo "$FAKE_MODEL_VERSION" ;;
   *"get deployment/catdog"*) echo 7 ;;
   *apply*) cat > /dev/null ;;
   *"rollout status"*) if grep -q "rollout undo" "$FAKE_LOG"; then exit 0; fi; exit "$FAKE_ROLLOUT_STATUS" ;;
@@ -438,6 +475,7 @@ def fake_cluster(tmp_path: Path, kubectl: str) -> dict[str, Any]:
         "FAKE_LOG": str(log),
         "FAKE_IMAGE": "ghcr.io/me/catdog:abc123",
         "FAKE_ROLLOUT_STATUS": "0",
+        "FAKE_MODEL_VERSION": "",
         "IMAGE": "ghcr.io/me/catdog",
         "SMOKE_CMD": f"{sys.executable} -c 'import sys; open(sys.argv[1], \"w\").write(sys.argv[2])' "
         f"{smoke_file} {{url}}",
@@ -450,6 +488,11 @@ def fake_cluster(tmp_path: Path, kubectl: str) -> dict[str, Any]:
         "SYNC_SECRET",
         "ROLLBACK_MODEL",
         "CATDOG_ALERT_URLS",
+        "FAKE_SECRET_KEYS",
+        "MLFLOW_TRACKING_USERNAME",
+        "SERVING_MLFLOW_TRACKING_URI",
+        "SERVING_MLFLOW_TRACKING_USERNAME",
+        "SERVING_MLFLOW_TRACKING_PASSWORD",
     ):
         env[name] = ""
     return {"env": env, "log": log, "smoke": smoke_file}
@@ -494,7 +537,124 @@ def test_an_exposed_admin_route_fails_the_deploy_and_rolls_back(fake_cluster, ht
 
 def test_a_missing_secret_stops_before_anything_is_applied(fake_cluster):
     fake = Path(fake_cluster["env"]["PATH"].split(os.pathsep)[0]) / "kubectl"
-    fake.write_text(fake.read_text().replace('*"get secret"*) exit 0 ;;', '*"get secret"*) exit 1 ;;'))
+    fake.write_text(fake.read_text().replace('*"get secret"*) printf', '*"get secret"*) exit 1; printf'))
     result = deploy("staging", "abc123", env=fake_cluster["env"])
-    assert result.returncode == 2 and "secret/catdog-secrets is missing" in result.stderr
+    assert result.returncode == 2 and f"secret/{SERVING_SECRET} is missing" in result.stderr
     assert "apply" not in fake_cluster["log"].read_text()
+
+
+def registry_with_two_promotions(root: Path) -> str:
+    """A SQLite registry (this repo's params.yaml) where versions 1 and 2 passed the gates and were promoted
+    in turn: @champion 2. Returns its tracking URI."""
+    from catdog import tracking
+    from catdog.config import Project
+    from catdog.registry import moves
+    from catdog.registry.gates import GateResult
+    from catdog.registry.lease import Lease
+    from catdog.registry.promotion import _record_gates, open_registry
+
+    root.mkdir()
+    shutil.copy(ROOT / "params.yaml", root / "params.yaml")
+    (root / "model.txt").write_text("placeholder")
+    project = Project(root)
+    registry = open_registry(project)
+    for version in ("1", "2"):
+        with tracking.store(registry.tracking_uri) as mlflow, mlflow.start_run():
+            mlflow.log_artifact(str(root / "model.txt"), "model")
+            registry.register(mlflow.get_artifact_uri("model"), None, {})
+        report = {"passed": True, "checked_at": "2026-01-01T00:00:00+00:00"}
+        _record_gates(registry, registry.version(version), [GateResult("metrics", True, "")], report)
+        with Lease(registry, "promote", settle=0) as lease:
+            before = "1" if version == "2" else None
+            moves.commit(project, registry, lease, moves.Move.new("promote", before, version, "gates passed"))
+    return registry.tracking_uri
+
+
+@pytest.mark.slow
+def test_a_failed_deploy_rolls_back_only_the_model_it_moved(fake_cluster, tmp_path, monkeypatch):
+    from catdog.config import Project
+    from catdog.registry.promotion import open_registry
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = registry_with_two_promotions(tmp_path / "registry")
+    registry = open_registry(Project(tmp_path / "registry"))
+    env = {**fake_cluster["env"], "ROLLBACK_MODEL": "1", "MLFLOW_TRACKING_URI": uri}
+    env["FAKE_ROLLOUT_STATUS"] = "1"
+    # 1. the last good deploy ran version 1, this one brings @champion 2 and fails: 2 is rolled back
+    first = deploy("production", "abc123", env={**env, "FAKE_MODEL_VERSION": "1"}, timeout=600)
+    assert first.returncode == 1 and "@champion 2 rolled back" in first.stdout, first.stdout + first.stderr
+    assert registry.by_alias("champion").version == "1"
+    assert registry.version("2").tags["rolled_back"] == "true"
+    # 2. a second failing deploy runs the model the last good deploy ran: the model is left alone (it used to
+    # toggle back to the bad version 2)
+    log = tmp_path / "second.log"
+    second = deploy(
+        "production", "abc123", env={**env, "FAKE_MODEL_VERSION": "1", "FAKE_LOG": str(log)}, timeout=600
+    )
+    assert second.returncode == 1 and "@champion 1 left alone" in second.stdout, second.stdout + second.stderr
+    assert registry.by_alias("champion").version == "1"
+    # 3. a good deploy records the model it ran on the Deployment
+    log = tmp_path / "third.log"
+    third = deploy(
+        "production", "abc123", env={**env, "FAKE_ROLLOUT_STATUS": "0", "FAKE_LOG": str(log)}, timeout=600
+    )
+    assert third.returncode == 0, third.stderr
+    assert "annotate deployment/catdog catdog/model-version=1 --overwrite" in log.read_text()
+
+
+def test_a_serving_secret_holding_storage_keys_stops_the_deploy(fake_cluster):
+    env = {
+        **fake_cluster["env"],
+        "FAKE_SECRET_KEYS": "ADMIN_API_KEY\\nAWS_SECRET_ACCESS_KEY\\nMLFLOW_TRACKING_URI\\n",
+    }
+    result = deploy("staging", "abc123", env=env)
+    assert result.returncode == 2 and "holds storage credentials (AWS_SECRET_ACCESS_KEY" in result.stderr
+    assert "apply" not in fake_cluster["log"].read_text()
+
+
+PIPELINE_IDENTITY = {
+    "SYNC_SECRET": "1",
+    "MLFLOW_TRACKING_URI": "http://mlflow.example:5000",
+    "MLFLOW_TRACKING_USERNAME": "pipeline",
+    "MLFLOW_TRACKING_PASSWORD": "pipeline-secret",
+    "AWS_ACCESS_KEY_ID": "pipeline-s3-id",
+    "AWS_SECRET_ACCESS_KEY": "pipeline-s3-secret",
+    "ADMIN_API_KEY": "admin-key",
+}
+
+
+def test_the_synced_secret_holds_the_serving_user_never_the_pipelines(fake_cluster):
+    env = {
+        **fake_cluster["env"],
+        **PIPELINE_IDENTITY,
+        "SERVING_MLFLOW_TRACKING_USERNAME": "serving",
+        "SERVING_MLFLOW_TRACKING_PASSWORD": "serving-secret",
+    }
+    passed(deploy("staging", "abc123", env=env))
+    (created,) = [call for call in fake_cluster["log"].read_text().splitlines() if "create secret" in call]
+    assert f"generic {SERVING_SECRET} " in created
+    for literal in (
+        "MLFLOW_TRACKING_USERNAME=serving",
+        "MLFLOW_TRACKING_PASSWORD=serving-secret",
+        "MLFLOW_TRACKING_URI=http://mlflow.example:5000",
+        "ADMIN_API_KEY=admin-key",
+    ):
+        assert f"--from-literal={literal}" in created, created
+    for leaked in ("pipeline-secret", "pipeline-s3", "AWS_", "=pipeline "):
+        assert leaked not in created + " ", f"{leaked} in the pods' Secret: {created}"
+
+
+@pytest.mark.parametrize(
+    ("serving", "message"),
+    [
+        ({}, "SERVING_MLFLOW_TRACKING_USERNAME is unset"),
+        ({"SERVING_MLFLOW_TRACKING_USERNAME": "pipeline"}, "is the pipeline's user"),
+    ],
+)
+def test_syncing_the_pipelines_identity_into_the_pods_is_refused(fake_cluster, serving, message):
+    env = {**fake_cluster["env"], **PIPELINE_IDENTITY, "SERVING_MLFLOW_TRACKING_PASSWORD": "x", **serving}
+    env.setdefault("SERVING_MLFLOW_TRACKING_USERNAME", "")
+    result = deploy("staging", "abc123", env=env)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    log = fake_cluster["log"].read_text() if fake_cluster["log"].exists() else ""
+    assert "create secret" not in log and "apply" not in log

@@ -1,4 +1,6 @@
-"""POST /admin/reload: key checks, atomic swap under load, and a failed reload that keeps the old model."""
+"""POST /admin/reload: key checks, atomic swap under load, a failed reload that keeps the old model, and the
+URIs it refuses (anything but MODEL_URI, models:/ registry URIs and paths in the allowed model folder);
+GET /admin/status."""
 
 from __future__ import annotations
 
@@ -37,9 +39,10 @@ def second_model(folder: Path) -> Path:
 
 @pytest.fixture
 def own_server(server_factory, exported_model: Path, tmp_path: Path):
-    """A server of its own (reloads must not disturb the shared one), on a private copy of the model."""
+    """A server of its own (reloads must not disturb the shared one), on a private copy of the model; it may
+    reload any model under tmp_path (MODEL_DIR_ALLOWED)."""
     models = Path(shutil.copytree(exported_model, tmp_path / "models"))
-    return server_factory(models / "model.onnx", MODEL_PRECISION="fp32")
+    return server_factory(models / "model.onnx", MODEL_PRECISION="fp32", MODEL_DIR_ALLOWED=str(tmp_path))
 
 
 def predict(client) -> dict:
@@ -128,3 +131,59 @@ def test_reload_without_a_body_reloads_model_uri(own_server) -> None:
         version = predict(client)["model"]["version"]
         response = client.post("/admin/reload", headers=KEY)
     assert response.status_code == 200 and response.json()["model"]["version"] == version
+
+
+def test_reload_refuses_uris_outside_the_allowed_folder(server_factory, exported_model: Path, tmp_path: Path):
+    """By default only MODEL_URI's folder: other paths (existing or not, through `..` or a link), remote and
+    run URIs get the same 400 before anything is read, naming no file; a path inside is loaded."""
+    models = Path(shutil.copytree(exported_model, tmp_path / "models"))
+    outside = Path(shutil.copytree(exported_model, tmp_path / "elsewhere"))
+    (models / "link").symlink_to(outside, target_is_directory=True)
+    shutil.copytree(exported_model, models / "v2")
+    service = server_factory(models / "model.onnx", MODEL_PRECISION="fp32")
+    refused_uris = [
+        str(outside / "model.onnx"),
+        str(outside),
+        str(tmp_path / "missing" / "model.onnx"),
+        "/etc/passwd",
+        str(models / ".." / "elsewhere" / "model.onnx"),
+        str(models / "link" / "model.onnx"),
+        f"file://{outside / 'model.onnx'}",
+        "http://127.0.0.1:9/model.onnx",
+        "https://example.com/model.onnx",
+        "s3://bucket/models/model.onnx",
+        "gs://bucket/model",
+        "runs:/0123456789abcdef/model",
+        "mlflow-artifacts:/0/abc/artifacts/model",
+        "models:/catdog/../../etc",
+    ]
+    with service.client() as client:
+        before = predict(client)["model"]
+        answers = {
+            uri: client.post("/admin/reload", headers=KEY, json={"model_uri": uri}) for uri in refused_uris
+        }
+        inside = client.post("/admin/reload", headers=KEY, json={"model_uri": str(models / "v2")})
+        after = predict(client)["model"]
+    for uri, answer in answers.items():
+        assert answer.status_code == 400, (uri, answer.text)
+        error = answer.json()["error"]
+        assert error["code"] == "model_uri_not_allowed", uri
+        assert str(tmp_path) not in error["message"] and "exist" not in error["message"]
+    paths = {answers[uri].json()["error"]["message"] for uri in refused_uris[:7]}
+    assert len(paths) == 1  # the same answer whether the file exists or not: nothing to probe with
+    assert inside.status_code == 200, inside.text
+    assert after == before == inside.json()["model"]  # the same model file: the same version
+
+
+def test_admin_status_gives_the_details(own_server, tmp_path: Path) -> None:
+    with own_server.client() as client:
+        refused = client.get("/admin/status")
+        failed = client.post("/admin/reload", headers=KEY, json={"model_uri": str(tmp_path / "nothing.onnx")})
+        status = client.get("/admin/status", headers=KEY).json()
+        ready = client.get("/ready").json()
+    assert refused.status_code == 401 and failed.status_code == 422
+    assert status["ready"] is True and status["alive"] is True and status["status"] == "ready"
+    assert status["uri"] == own_server.env["MODEL_URI"] and status["model"]["name"] == "tf_efficientnet_lite0"
+    assert "does not exist" in status["load_error"]
+    assert status["inference"]["failed_batches"] == 0 and status["inference"]["abandoned_threads"] == 0
+    assert ready == {"status": "ready", "ready": True, "model": status["model"], "detail": "ready"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 import shutil
 import subprocess
 import sys
@@ -38,8 +39,8 @@ def predict(client: httpx.Client, photo: Path) -> dict:
     return response.json()
 
 
-def send_feedback(client: httpx.Client, request_id: str, true_label: str) -> httpx.Response:
-    return client.post("/feedback", json={"request_id": request_id, "true_label": true_label})
+def send_feedback(client: httpx.Client, prediction_id: str, true_label: str) -> httpx.Response:
+    return client.post("/feedback", json={"prediction_id": prediction_id, "true_label": true_label})
 
 
 def drift_report(client: httpx.Client, images: int) -> dict:
@@ -101,11 +102,11 @@ def test_drift_gauges_and_report_after_real_uploads(monitored, uploaded, exporte
 def test_feedback_gives_the_live_accuracy(monitored, uploaded) -> None:
     with monitored.client() as client:
         before = gauges(client)
-        answers = [send_feedback(client, p["request_id"], p["true_label"]) for p in uploaded]
+        answers = [send_feedback(client, p["prediction_id"], p["true_label"]) for p in uploaded]
         performance = client.get("/monitoring/performance").json()
-        again = send_feedback(client, uploaded[0]["request_id"], uploaded[0]["true_label"])
+        again = send_feedback(client, uploaded[0]["prediction_id"], uploaded[0]["true_label"])
         other = "dog" if uploaded[0]["true_label"] == "cat" else "cat"
-        conflict = send_feedback(client, uploaded[0]["request_id"], other)
+        conflict = send_feedback(client, uploaded[0]["prediction_id"], other)
         after = gauges(client)
     assert math.isnan(before[("catdog_live_accuracy", ())])
     correct = [p["label"] == p["true_label"] for p in uploaded]
@@ -133,16 +134,16 @@ def test_feedback_gives_the_live_accuracy(monitored, uploaded) -> None:
 def test_feedback_errors_and_batch_ids(monitored, photos) -> None:
     with monitored.client() as client:
         made = predict(client, photos["cat"][7])
-        unknown = send_feedback(client, "never-seen-1", "cat")
-        bad_label = send_feedback(client, made["request_id"], "horse")
-        missing = client.post("/feedback", json={"request_id": made["request_id"]})
+        unknown = send_feedback(client, secrets.token_hex(16), "cat")
+        bad_label = send_feedback(client, made["prediction_id"], "horse")
+        missing = client.post("/feedback", json={"prediction_id": made["prediction_id"]})
         bad_id = send_feedback(client, "no spaces allowed", "cat")
         not_json = client.post("/feedback", content=b"{", headers={"content-type": "application/json"})
         files = [
             ("files", (p.name, p.read_bytes(), "image/jpeg")) for p in (photos["cat"][8], photos["dog"][8])
         ]
         batch = client.post("/predict/batch", files=files).json()
-        second = send_feedback(client, f"{batch['request_id']}:1", "dog")
+        second = send_feedback(client, batch["results"][1]["prediction_id"], "dog")
     assert_error(unknown, 404, "prediction_not_found")
     assert_error(bad_label, 422, "invalid_label")
     assert_error(missing, 422, "invalid_request")
@@ -158,14 +159,14 @@ def test_feedback_survives_a_restart(server_factory, exported_model: Path, photo
     with first.client() as client:
         made = [predict(client, photo) for photo in (photos["cat"][10], photos["dog"][10], photos["dog"][11])]
         for prediction, label in zip(made[:2], ("cat", "dog"), strict=False):
-            assert send_feedback(client, prediction["request_id"], label).status_code == 200
+            assert send_feedback(client, prediction["prediction_id"], label).status_code == 200
         before = client.get("/monitoring/performance").json()
     stop_server(first)
     second = server_factory(exported_model / "model.onnx", FEEDBACK_DB=str(database), **DRIFT)
     with second.client() as client:
         page = gauges(client)
         restarted = client.get("/monitoring/performance").json()
-        late = send_feedback(client, made[2]["request_id"], "dog")
+        late = send_feedback(client, made[2]["prediction_id"], "dog")
         after = client.get("/monitoring/performance").json()
         drift = client.get("/monitoring/drift").json()
     assert before["labelled"] == 2 and restarted == before
@@ -195,7 +196,7 @@ def test_a_new_model_starts_a_new_drift_window(
         reset = client.get("/monitoring/drift").json()
         second = predict(client, photos["dog"][13])
         refilled = drift_report(client, 1)
-        answer = send_feedback(client, first["request_id"], "dog")
+        answer = send_feedback(client, first["prediction_id"], "dog")
     new_version = swapped.json()["model"]["version"]
     assert new_version != first["model"]["version"] and second["model"]["version"] == new_version
     assert reset["images"] == 0 and reset["model_version"] == new_version

@@ -11,7 +11,7 @@ import httpx
 import odd_images
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from service_process import REPO_ROOT
+from service_process import ADMIN_KEY, REPO_ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -143,9 +143,11 @@ def test_not_ready_without_a_model(server_factory, tmp_path: Path) -> None:
                 break
         predicted = client.post("/predict", files={"file": ("a.jpg", odd_images.jpeg())})
         model = client.get("/model")
+        status = client.get("/admin/status", headers={"x-api-key": ADMIN_KEY}).json()
     assert health.status_code == 200
     assert ready.status_code == 503 and ready.json()["ready"] is False
-    assert "does not exist" in ready.json()["detail"]
+    assert ready.json()["detail"] == "no model: load failed"  # public: no path; admins get the cause
+    assert "does not exist" in status["load_error"]
     assert predicted.status_code == 503 and predicted.json()["error"]["code"] == "model_not_ready"
     assert model.status_code == 503
     assert predicted.headers["retry-after"]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from missing_tool import missing_tool
 from PIL import Image
 
 pytestmark = pytest.mark.slow
@@ -31,12 +32,16 @@ CHROMIUM_ARGS = [
 # Chrome logs every HTTP error answer to a fetch as a console error; only these are expected.
 HTTP_ERROR_LOG = re.compile(r"Failed to load resource: the server responded with a status of (\d+)")
 
+# Missing: a skip that says why, or under CI (CI=true) a failure: `make test` installs Chromium first.
 if CHROMIUM is None:
-    pytest.skip(
+    missing_tool(
         "Chromium is not installed (no /usr/bin/chromium, no chromium on PATH): run `make browser`",
         allow_module_level=True,
     )
-sync_api = pytest.importorskip("playwright.sync_api")
+try:
+    from playwright import sync_api
+except ImportError:
+    missing_tool("playwright is not installed: run `make install`", allow_module_level=True)
 
 
 @dataclass

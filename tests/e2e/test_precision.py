@@ -8,6 +8,7 @@ from pathlib import Path
 import httpx
 import odd_images
 import pytest
+from service_process import ADMIN_KEY
 
 from catdog import export
 
@@ -44,7 +45,8 @@ def test_int8_is_refused_unless_approved(server_factory, models: Path) -> None:
         ready = httpx.get(refused.url + "/ready").json()
         if "no model" in ready["detail"]:
             break
-    assert ready["ready"] is False and "not approved" in ready["detail"]
+    status = httpx.get(refused.url + "/admin/status", headers={"x-api-key": ADMIN_KEY}).json()
+    assert ready["ready"] is False and "not approved" in status["load_error"]
     fallback = server_factory(models / "model.onnx", MODEL_PRECISION="auto")
     assert precision(fallback) == "fp32"
 

@@ -204,7 +204,9 @@ def test_non_regression_promotion_rollback_and_audit(project: Project) -> None:
     time.sleep(0.05)
     moved = rollback(project, reason="bad reviews")
     assert moved == {"name": "catdog", "from": "2", "to": "1", "reason": "bad reviews"}
-    assert aliases(project) == {CHALLENGER: "2", CHAMPION: "1", PREVIOUS: "2"}
+    # @previous: what a rollback would choose, and nothing older than v1 passed the gates
+    assert aliases(project) == {CHALLENGER: "2", CHAMPION: "1"}
+    assert open_registry(project).version("2").tags["rolled_back"] == "true"
     rows = audit.history(project, open_registry(project))
     assert [(r["event"], r["alias"], r["from_version"], r["to_version"]) for r in rows] == [
         ("register", CHALLENGER, "", "1"),

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import json
+import logging
+import multiprocessing
+import os
 import shutil
+import signal
+import struct
 import subprocess
 import sys
 from pathlib import Path
 
+import fuzz_images
 import odd_images
 import pytest
 import yaml
 
+from catdog import preprocessing
 from catdog.config import ValidateParams
 from catdog.errors import EXIT_GATE, QualityGateError
 from catdog.stages import validate
@@ -149,3 +156,174 @@ def test_stage_fails_on_class_imbalance(tmp_path, planted_raw):
     root = make_project(tmp_path, planted_raw, max_unusable_fraction=1.0, max_class_imbalance=1.5)
     with pytest.raises(QualityGateError, match="max_class_imbalance"):
         validate.run(root)
+
+
+# ---- every decoder failure is classified, in the process pool too ----
+# Faults that the real decoders cannot be made to produce on demand (a parser exception escaping
+# preprocessing, a segfault, an out-of-memory) are planted by wrapping preprocessing.decode in the test
+# process: the pool's workers are forked from it, so they run the wrapper for real, and a planted segfault
+# kills a real worker.
+CRASH, RAISE, OOM = b"segfault-me", b"raise-me", b"out-of-memory-me"
+forked_workers = pytest.mark.skipif(
+    multiprocessing.get_start_method() != "fork", reason="the planted faults reach forked workers only"
+)
+
+
+def marked_jpeg(seed: int, marker: bytes) -> bytes:
+    """A valid JPEG carrying `marker` in its comment segment (the planted fault's trigger), of a picture
+    unlike pool_raw's."""
+    return odd_images.encode(odd_images.photo(1000 + seed, (64, 48)), "JPEG", quality=80, comment=marker)
+
+
+@pytest.fixture
+def pool_raw(tmp_path: Path) -> Path:
+    """72 small valid photos, more than one chunk of work for each of two workers."""
+    images = tmp_path / "pool" / "PetImages"
+    for folder, offset in (("Cat", 0), ("Dog", 500)):
+        (images / folder).mkdir(parents=True)
+        for i in range(36):
+            (images / folder / f"p{i:02d}.jpg").write_bytes(odd_images.jpeg(offset + i, size=(64, 48)))
+    return images
+
+
+def plant_decoder_faults(monkeypatch: pytest.MonkeyPatch, once_marker: Path | None = None) -> None:
+    """Make decode crash, raise or run out of memory on files carrying a marker (CRASH only once when
+    `once_marker` is given: the file that first crashed is then decoded normally, as after an OOM kill)."""
+    real_decode = preprocessing.decode
+
+    def faulty_decode(source, **kwargs):
+        data = bytes(source)
+        if CRASH in data and not (once_marker and once_marker.exists()):
+            if once_marker:
+                once_marker.touch()
+            os.kill(os.getpid(), signal.SIGSEGV)
+        if RAISE in data:
+            raise struct.error("unpack requires a buffer of 4 bytes")
+        if OOM in data:
+            raise MemoryError
+        return real_decode(source, **kwargs)
+
+    monkeypatch.setattr(preprocessing, "decode", faulty_decode)
+
+
+def by_name(records: list[validate.ImageRecord]) -> dict[str, validate.ImageRecord]:
+    return {r.path.removeprefix("PetImages/"): r for r in records}
+
+
+@forked_workers
+def test_a_decoder_exception_in_a_worker_is_classified_not_raised(pool_raw, monkeypatch):
+    (pool_raw / "Cat" / "raises.jpg").write_bytes(marked_jpeg(1, RAISE))
+    plant_decoder_faults(monkeypatch)
+    records = by_name(validate.validate_folder(pool_raw, PARAMS, workers=2))
+    assert len(records) == 73
+    bad = records["Cat/raises.jpg"]
+    assert bad.problems == ["corrupt"] and not bad.usable
+    assert bad.detail == "corrupt: struct.error: unpack requires a buffer of 4 bytes"
+    assert all(r.usable for name, r in records.items() if name != "Cat/raises.jpg")
+
+
+@forked_workers
+def test_a_worker_crash_quarantines_that_file_and_loses_no_other(pool_raw, monkeypatch, caplog):
+    (pool_raw / "Cat" / "p05_crash.jpg").write_bytes(marked_jpeg(2, CRASH))
+    (pool_raw / "Dog" / "oom.jpg").write_bytes(marked_jpeg(3, OOM))
+    plant_decoder_faults(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger=validate.__name__):
+        records = by_name(validate.validate_folder(pool_raw, PARAMS, workers=2))
+    assert len(records) == 74, "every file has its record, also those in the crashed worker's chunk"
+    crashed, oom = records["Cat/p05_crash.jpg"], records["Dog/oom.jpg"]
+    assert crashed.problems == ["decoder_crashed"] and "crashed" in crashed.detail
+    assert oom.problems == ["decoder_crashed"] and "out of memory" in oom.detail
+    assert (pool_raw / "Cat" / "p05_crash.jpg").is_file(), "quarantine never deletes"
+    others = [r for name, r in records.items() if name not in {"Cat/p05_crash.jpg", "Dog/oom.jpg"}]
+    assert all(r.usable and r.dhash is not None for r in others)
+    assert "PetImages/Cat/p05_crash.jpg" in caplog.text and "PetImages/Dog/oom.jpg" in caplog.text
+
+
+@forked_workers
+def test_a_crash_that_does_not_recur_alone_keeps_the_file(pool_raw, monkeypatch, tmp_path):
+    (pool_raw / "Dog" / "p07_flaky.jpg").write_bytes(marked_jpeg(4, CRASH))
+    plant_decoder_faults(monkeypatch, once_marker=tmp_path / "crashed-once")
+    records = by_name(validate.validate_folder(pool_raw, PARAMS, workers=2))
+    assert (tmp_path / "crashed-once").exists(), "the worker did crash"
+    assert len(records) == 73 and all(r.usable for r in records.values())
+
+
+@forked_workers
+def test_the_stage_reports_a_crashed_file_with_its_reason(tmp_path, pool_raw, monkeypatch):
+    (pool_raw / "Cat" / "crash.jpg").write_bytes(marked_jpeg(5, CRASH))
+    root = make_project(tmp_path, pool_raw, max_unusable_fraction=0.5)
+    plant_decoder_faults(monkeypatch)
+    validate.run(root)
+    saved = json.loads((root / "reports" / "validation.json").read_text())
+    assert saved["files"]["decoder_crashed"] == ["PetImages/Cat/crash.jpg"]
+    [entry] = saved["quarantine"]
+    assert entry["path"] == "PetImages/Cat/crash.jpg" and "crashed" in entry["detail"]
+    summary = (root / "reports" / "validation.md").read_text()
+    assert f"- `PetImages/Cat/crash.jpg`: decoder_crashed ({entry['detail']})" in summary
+
+
+# ---- a real run over fuzzed files and real photos ----
+EXTENSIONS = {"jpeg": ".jpg", "mpo": ".jpg", "png": ".png", "gif": ".gif", "webp": ".webp", "bmp": ".bmp"}
+EXTENSIONS["tiff"] = ".tif"
+
+
+def expected_problem(data: bytes, params: ValidateParams) -> str | None:
+    """What decoding alone says about a file (None: it decodes), as validate must report it."""
+    try:
+        preprocessing.inspect(data, max_pixels=params.max_pixels)
+        preprocessing.decode(data, max_pixels=params.max_pixels, min_side=params.min_side)
+    except preprocessing.ImageDecodeError as exc:
+        return validate._DECODE_CODES[exc.code]
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow's on corrupt metadata, from expected_problem
+def test_stage_over_fuzzed_files_and_real_photos(tmp_path, sample_images_dir):
+    """`python -m catdog validate` on real photos plus mutated images of every format: it completes,
+    quarantines each undecodable file with its reason, and keeps every photo."""
+    images = tmp_path / "raw" / "PetImages"
+    photos = {}
+    for folder in ("Cat", "Dog"):
+        (images / folder).mkdir(parents=True)
+        for path in sorted((sample_images_dir / "PetImages" / folder).glob("*.jpg"))[:30]:
+            shutil.copy(path, images / folder / path.name)
+            photos[f"PetImages/{folder}/{path.name}"] = path
+    fuzzed = {}
+    corpus = [
+        *fuzz_images.valid_images().items(),
+        *list(fuzz_images.regressions().items())[::8],
+        *(fuzz_images.case(11, i) for i in range(120)),
+    ]
+    for i, (name, data) in enumerate(corpus):
+        source = next(part for part in name.split(":") if part in fuzz_images.valid_images())
+        # all under Cat: mutated copies of one picture filed under both labels would be label conflicts
+        rel = f"Cat/fuzz{i:03d}{EXTENSIONS[source.split('-')[0]]}"
+        (images / rel).write_bytes(data)
+        fuzzed[f"PetImages/{rel}"] = (name, data)
+    root = make_project(tmp_path, images, max_unusable_fraction=1.0, max_class_imbalance=10.0)
+    params = ValidateParams(**yaml.safe_load((root / "params.yaml").read_text())["validate"])
+
+    done = subprocess.run(
+        [sys.executable, "-m", "catdog", "validate", "--root", str(root)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((root / "reports" / "validation.json").read_text())
+    assert report["total"] == len(photos) + len(fuzzed)
+    quarantine = {q["path"]: q for q in report["quarantine"]}
+    refused = 0
+    for rel, (name, data) in fuzzed.items():
+        problem, entry = expected_problem(data, params), quarantine.get(rel)
+        if problem is not None:
+            refused += 1
+            assert entry is not None, f"{name} ({problem}) not quarantined"
+            assert problem in entry["problems"] and entry["detail"], (name, entry)
+        elif entry is not None:  # a decodable file is only left out as a copy of another one
+            assert "exact_duplicate" in entry["problems"], (name, entry)
+            assert not set(entry["problems"]) & set(validate.UNUSABLE), (name, entry)
+    assert refused >= 40, "the corpus exercises the decoders' error paths"
+    assert not photos.keys() & quarantine.keys(), "every real photo is kept"
+    for rel, photo in photos.items():
+        assert (root / "data" / "raw" / rel).read_bytes() == photo.read_bytes()
+    summary = (root / "reports" / "validation.md").read_text()
+    assert all(f"- `{rel}`: " in summary for rel in quarantine)

@@ -1,4 +1,7 @@
-"""The micro-batcher: batches grow with load, order is kept, errors reach every caller, models never mix."""
+"""The micro-batcher: batches grow with load, order is kept, errors reach every caller, models never mix;
+supervision: a model that raises, answers the wrong shape or hangs fails only the requests it touches, the
+batcher is not ready until a model call works again (a request's or the canary's), a hung thread is
+abandoned for a fresh one, a dead loop is restarted, and it is not alive when it cannot recover."""
 
 from __future__ import annotations
 
@@ -9,7 +12,15 @@ import time
 import numpy as np
 import pytest
 
-from api.batching import MicroBatcher, QueueFull
+from api.batching import (
+    InferenceFailed,
+    InferenceTimeout,
+    InferenceUnavailable,
+    MicroBatcher,
+    QueueFull,
+)
+
+BOUND = 20.0  # seconds any wait in these tests may take before it fails (nothing should come near it)
 
 
 class Model:
@@ -82,7 +93,8 @@ def test_model_errors_reach_every_caller_and_the_batcher_goes_on() -> None:
         return [failed, after]
 
     ((failed, after),) = asyncio.run(_run(batcher, [scenario()]))
-    assert all(isinstance(error, RuntimeError) for error in failed)
+    assert all(isinstance(error, InferenceFailed) for error in failed)
+    assert all(isinstance(error.__cause__, RuntimeError) for error in failed)
     np.testing.assert_allclose(after, [0.25, 0.75])
 
 
@@ -130,3 +142,214 @@ def test_sequential_requests_run_one_by_one(max_wait_ms: float) -> None:
 
     asyncio.run(_run(batcher, [sequential()]))
     assert model.batches == [1] * 5
+
+
+class Faulty:
+    """A model with switchable faults: `broken` makes it raise, `short` answer one row short, `hang` block
+    (until `release`) on images whose first value is 0.9. Otherwise P = (x, 1 - x)."""
+
+    def __init__(self) -> None:
+        self.broken = threading.Event()
+        self.short = threading.Event()
+        self.hang = threading.Event()
+        self.release = threading.Event()
+        self.calls = 0
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        first = batch.reshape(len(batch), -1)[:, 0]
+        if self.hang.is_set() and np.isclose(first, 0.9).any():
+            self.release.wait(BOUND)
+        if self.broken.is_set():
+            raise RuntimeError("onnxruntime says no")
+        rows = np.stack([first, 1 - first], axis=1)
+        return rows[:-1] if self.short.is_set() else rows
+
+
+async def until(condition, what: str) -> None:
+    """Wait (bounded) for a condition the batcher reaches by itself, e.g. through its canary."""
+    deadline = time.monotonic() + BOUND
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for: {what}"
+        await asyncio.sleep(0.01)
+
+
+async def answer(batcher: MicroBatcher, model, value: float):
+    """The batcher's answer or its exception; bounded, so a batcher that hangs fails the test."""
+    try:
+        return await asyncio.wait_for(batcher.predict(model, image(value)), BOUND)
+    except TimeoutError:
+        raise AssertionError("the request hung") from None
+    except Exception as exc:
+        return exc
+
+
+def scenario(coroutine_function, **options):
+    """Run `coroutine_function(batcher, model)` with a started batcher (canary: the model on 0.5)."""
+
+    async def main():
+        batcher = MicroBatcher(max_size=4, max_wait_ms=1, max_queue=16, **options)
+        model = Faulty()
+        batcher.set_canary(model, image(0.5))
+        batcher.start()
+        try:
+            return await coroutine_function(batcher, model)
+        finally:
+            model.release.set()
+            await batcher.stop()
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("fault", ["broken", "short"])
+def test_a_failing_model_fails_its_requests_and_ready_returns_once_it_works(fault: str) -> None:
+    async def run(batcher: MicroBatcher, model: Faulty):
+        assert batcher.ready and batcher.alive
+        getattr(model, fault).set()
+        failed = await asyncio.gather(*(answer(batcher, model, 0.1) for _ in range(3)))
+        calls = model.calls
+        await until(lambda: model.calls > calls, "the canary ran")
+        still_broken = (batcher.ready, batcher.problem, batcher.alive)
+        getattr(model, fault).clear()
+        await until(lambda: batcher.ready, "ready again through the canary")
+        after = await answer(batcher, model, 0.25)
+        return failed, still_broken, after, batcher.state()
+
+    failed, still_broken, after, state = scenario(run, probe_s=0.05)
+    assert all(isinstance(error, InferenceFailed) for error in failed), failed
+    assert still_broken == (False, "inference failed", True)
+    np.testing.assert_allclose(after, [0.25, 0.75])
+    assert state["failed_batches"] >= 1 and state["recoveries"] == 1 and state["ready"]
+    assert ("RuntimeError" if fault == "broken" else "answered") in state["last_error"]
+
+
+def test_a_request_that_succeeds_makes_it_ready_again_before_the_canary() -> None:
+    async def run(batcher: MicroBatcher, model: Faulty):
+        model.short.set()
+        failed = await answer(batcher, model, 0.1)
+        broken = batcher.ready
+        model.short.clear()
+        served = await answer(batcher, model, 0.2)
+        return failed, broken, served, batcher.ready
+
+    failed, broken, served, ready = scenario(run, probe_s=BOUND)
+    assert isinstance(failed, InferenceFailed) and broken is False
+    np.testing.assert_allclose(served, [0.2, 0.8])
+    assert ready is True
+
+
+def test_a_hung_call_is_abandoned_for_a_fresh_thread() -> None:
+    async def run(batcher: MicroBatcher, model: Faulty):
+        model.hang.set()
+        hung = await answer(batcher, model, 0.9)
+        stuck = (batcher.ready, batcher.problem, batcher.alive, batcher.abandoned_running)
+        served = await answer(batcher, model, 0.3)
+        recovered = (batcher.ready, batcher.alive)
+        second = await answer(batcher, model, 0.9)
+        too_many = (batcher.alive, batcher.unrecoverable)
+        model.release.set()
+        await until(lambda: batcher.abandoned_running == 0, "the hung threads to finish")
+        return hung, stuck, served, recovered, second, too_many, batcher.alive
+
+    hung, stuck, served, recovered, second, too_many, alive = scenario(
+        run, deadline_s=0.3, max_abandoned=1, probe_s=BOUND
+    )
+    assert isinstance(hung, InferenceTimeout) and isinstance(second, InferenceTimeout)
+    assert stuck == (False, "inference timed out", True, 1)
+    np.testing.assert_allclose(served, [0.3, 0.7])
+    assert recovered == (True, True)
+    assert too_many == (False, "too many hung inference threads")
+    assert alive is True
+
+
+def test_requests_waiting_behind_a_hung_call_time_out_and_the_next_ones_run() -> None:
+    async def run(batcher: MicroBatcher, model: Faulty):
+        model.hang.set()
+        first = asyncio.ensure_future(answer(batcher, model, 0.9))
+        await until(lambda: model.calls == 1, "the hung call to start")
+        waiting = await asyncio.gather(*(answer(batcher, model, 0.4) for _ in range(2)))
+        return await first, waiting, await answer(batcher, model, 0.6)
+
+    first, waiting, after = scenario(run, deadline_s=0.3, max_abandoned=1, probe_s=BOUND)
+    assert isinstance(first, InferenceTimeout)
+    assert all(isinstance(w, InferenceTimeout) or np.allclose(w, [0.4, 0.6]) for w in waiting)
+    np.testing.assert_allclose(after, [0.6, 0.4])
+
+
+def test_warm_ups_share_the_deadline() -> None:
+    async def run(batcher: MicroBatcher, model: Faulty):
+        model.hang.set()
+        try:
+            await batcher.run_in_thread(model.predict, image(0.9)[None])
+        except InferenceTimeout as exc:
+            return exc, batcher.abandoned_running, await answer(batcher, model, 0.5)
+        raise AssertionError("the hung warm-up returned")
+
+    error, abandoned, after = scenario(run, deadline_s=0.2, max_abandoned=1, probe_s=BOUND)
+    assert isinstance(error, InferenceTimeout) and abandoned == 1
+    np.testing.assert_allclose(after, [0.5, 0.5])
+
+
+def test_a_dead_loop_fails_its_requests_and_is_restarted(monkeypatch: pytest.MonkeyPatch) -> None:
+    crashes = iter([True])
+    run_group = MicroBatcher._run_group
+
+    async def crashing(self, model, group):  # a bug in the loop itself, after it took the batch
+        if next(crashes, False):
+            raise KeyError("a bug in the loop")
+        await run_group(self, model, group)
+
+    monkeypatch.setattr(MicroBatcher, "_run_group", crashing)
+
+    async def run(batcher: MicroBatcher, model: Faulty):
+        lost = await answer(batcher, model, 0.1)
+        broken = (batcher.ready, batcher.problem)
+        served = await answer(batcher, model, 0.7)
+        return lost, broken, served, batcher.state()
+
+    lost, broken, served, state = scenario(run, probe_s=BOUND)
+    assert isinstance(lost, InferenceFailed) and isinstance(lost.__cause__, KeyError)
+    assert broken == (False, "inference loop crashed")
+    np.testing.assert_allclose(served, [0.7, 0.3])
+    assert state["loop_restarts"] == 1 and state["ready"]
+
+
+def test_a_loop_that_keeps_dying_gives_up_and_is_not_alive(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def crashing(self, model, group):
+        raise KeyError("a bug in the loop")
+
+    monkeypatch.setattr(MicroBatcher, "_run_group", crashing)
+
+    async def run(batcher: MicroBatcher, model: Faulty):
+        answers = [await answer(batcher, model, 0.1) for _ in range(3)]
+        await until(lambda: not batcher.running, "the supervisor to give up")
+        refused = await answer(batcher, model, 0.1)
+        return answers, refused, batcher.alive, batcher.unrecoverable
+
+    answers, refused, alive, why = scenario(run, max_restarts=2, probe_s=BOUND)
+    assert all(isinstance(a, InferenceFailed | InferenceUnavailable) for a in answers), answers
+    assert isinstance(refused, InferenceUnavailable)
+    assert alive is False and why == "inference loop cannot be restarted"
+
+
+def test_a_canary_that_keeps_failing_makes_it_not_alive() -> None:
+    async def run(batcher: MicroBatcher, model: Faulty):
+        model.broken.set()
+        await answer(batcher, model, 0.1)
+        await until(lambda: not batcher.alive, "the canary to give up")
+        return batcher.unrecoverable, batcher.state()["probe_failures"]
+
+    why, probes = scenario(run, probe_s=0.01, max_probe_failures=3)
+    assert why == "inference keeps failing" and probes == 3
+
+
+def test_a_failing_observer_never_fails_the_requests() -> None:
+    def observe(size: int, seconds: float) -> None:
+        raise ValueError("metrics broke")
+
+    async def run(batcher: MicroBatcher, model: Faulty):
+        return await answer(batcher, model, 0.4), batcher.ready
+
+    served, ready = scenario(run, observe=observe)
+    np.testing.assert_allclose(served, [0.4, 0.6])
+    assert ready is True

@@ -156,6 +156,7 @@ def test_a_model_without_the_score_gives_no_verdict(exported_model: Path, tmp_pa
         label="cat",
         probabilities={"cat": 1.0, "dog": 0.0},
         model={"name": "m", "version": "1"},
+        prediction_id="0" * 32,
         request_id="r",
         latency_ms=1.0,
     )

@@ -30,8 +30,9 @@ def record(
     to_version: str,
     reason: str,
     details: dict[str, Any] | None = None,
+    move_id: str = "",
 ) -> None:
-    """Append one move (register, promote, rollback) to the audit experiment."""
+    """Append one move (register, promote, rollback) to the audit experiment (`move_id`: its journal id)."""
     now_ns = time.time_ns()
     tags = {
         "audit.model": registry.name,
@@ -44,6 +45,7 @@ def record(
         "audit.user": getpass.getuser(),
         "audit.host": socket.gethostname(),
         "audit.at_ns": str(now_ns),
+        "audit.move_id": move_id,
     }
     with tracking.store(registry.tracking_uri) as mlflow:
         experiment = tracking.experiment_id(mlflow, project, project.params.registry.audit_experiment)
@@ -75,6 +77,7 @@ def history(project: Project, registry: Registry) -> list[dict[str, Any]]:
                 "at": datetime.fromtimestamp(at_ns / 1e9, UTC).isoformat(timespec="milliseconds"),
                 "at_ns": at_ns,
                 **{field: tags.get(f"audit.{field}", "") for field in FIELDS[1:]},
+                "move_id": tags.get("audit.move_id", ""),
                 "run_id": run.info.run_id,
             }
         )

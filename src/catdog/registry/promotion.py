@@ -1,4 +1,8 @@
-"""Register a pipeline run's model, promote the challenger through the gates, roll back: the alias moves."""
+"""Register a pipeline run's model, promote the challenger through the gates, roll back: the alias moves.
+
+Promote and rollback hold the registry's lease (lease.py) and move @champion through the journaled, crash-safe
+sequence of moves.py.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +13,17 @@ import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from catdog import export, smoke, tracking
+from catdog import tracking
 from catdog.config import CLASSES, Project
 from catdog.errors import CatdogError, QualityGateError
-from catdog.registry import CHALLENGER, CHAMPION, PREVIOUS, audit, gates
+from catdog.registry import CHALLENGER, CHAMPION, audit, moves
+from catdog.registry.lease import Lease
 from catdog.registry.store import Registry
-from catdog.stages.prepare import load_split
+
+if TYPE_CHECKING:
+    from catdog.registry import gates
 
 log = logging.getLogger(__name__)
 METRIC_TAGS = ("accuracy", "f1", "precision", "recall", "roc_auc", "log_loss", "ece")
@@ -104,6 +111,11 @@ def run_gates(
     project: Project, registry: Registry, challenger: Any, champion: Any | None
 ) -> list[gates.GateResult]:
     """All five gates on the challenger (each runs, whatever the others found)."""
+    # Imported here: torch, timm and onnxruntime load slowly, and rollback or audit need none of them.
+    from catdog import export, smoke
+    from catdog.registry import gates
+    from catdog.stages.prepare import load_split
+
     params = project.params.registry.gates
     paths = project.paths
     test_paths, y = load_split(paths.processed, "test", list(CLASSES))
@@ -150,12 +162,31 @@ def _record_gates(registry: Registry, version: Any, results: list[gates.GateResu
 
 
 def promote(project: Project, version: str | None = None) -> dict[str, Any]:
-    """Gate the challenger (or `version`); all passed -> champion moves to it, the old one to previous."""
+    """Gate the challenger (or `version`); all passed -> champion moves to it, under the registry's lease."""
     registry = open_registry(project)
+    if version is None and registry.by_alias(CHALLENGER) is None:
+        raise CatdogError(
+            f"{registry.name} has no @{CHALLENGER}: run the pipeline (its register stage) first"
+        )
+    with Lease(registry, "promote") as lease:
+        moves.recover(project, registry, lease)
+        return _promote(project, registry, lease, version)
+
+
+def _promote(project: Project, registry: Registry, lease: Lease, version: str | None) -> dict[str, Any]:
     challenger = registry.version(version) if version else registry.by_alias(CHALLENGER)
     if challenger is None:
         raise CatdogError(
             f"{registry.name} has no @{CHALLENGER}: run the pipeline (its register stage) first"
+        )
+    if version is None and moves.rolled_back(challenger):
+        # The scheduled flow promotes @challenger again and again: a version once rolled back from must not
+        # come back that way, only when someone names it (and it passes the gates again).
+        raise QualityGateError(
+            f"promotion of {registry.name} version {challenger.version} refused: it was rolled back "
+            f"({challenger.tags.get('rolled_back.at', '?')}: "
+            f"{challenger.tags.get('rolled_back.reason', '')}); "
+            f"register a new version, or name it (--version {challenger.version}) to gate it again"
         )
     if version and str(version) != (getattr(registry.by_alias(CHALLENGER), "version", None)):
         registry.set_alias(CHALLENGER, challenger.version)
@@ -182,6 +213,7 @@ def promote(project: Project, version: str | None = None) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - started, 1),
         "gates": [result.as_dict() for result in results],
     }
+    lease.check()
     _record_gates(registry, challenger, results, report)
     project.paths.promotion_report.parent.mkdir(parents=True, exist_ok=True)
     project.paths.promotion_report.write_text(json.dumps(report, indent=2) + "\n")
@@ -193,42 +225,73 @@ def promote(project: Project, version: str | None = None) -> dict[str, Any]:
             f"promotion of {registry.name} version {challenger.version} refused, @{CHAMPION} unchanged "
             f"({champion.version if champion else 'none'}): {failed}; see {project.paths.promotion_report}"
         )
-    move(
-        project,
-        registry,
-        challenger.version,
-        "promote",
-        "all gates passed: " + "; ".join(f"{r.name} {r.status}" for r in results),
-        report,
-    )
+    reason = "all gates passed: " + "; ".join(f"{r.name} {r.status}" for r in results)
+    move = moves.Move.new("promote", champion.version if champion else None, challenger.version, reason)
+    moves.commit(project, registry, lease, move, report)
     return report
 
 
-def move(
-    project: Project, registry: Registry, target: str, event: str, reason: str, details: dict | None
-) -> None:
-    """Point champion at `target`, keep the former champion as previous, and audit both moves."""
-    current = registry.by_alias(CHAMPION)
-    if current is not None:
-        registry.set_alias(PREVIOUS, current.version)
-    registry.set_alias(CHAMPION, target)
-    audit.record(
-        project, registry, event, CHAMPION, current.version if current else None, str(target), reason, details
-    )
-    print(f"{event}: {registry.name} @{CHAMPION} {current.version if current else '-'} -> {target}")
-
-
-def rollback(project: Project, to_version: str | None = None, reason: str | None = None) -> dict[str, Any]:
-    """champion back to previous (or to `to_version`); the version it leaves becomes previous."""
+def rollback(
+    project: Project,
+    to_version: str | None = None,
+    reason: str | None = None,
+    expect_champion: str | None = None,
+    dry_run: bool = False,
+) -> dict[str, Any]:
+    """@champion back to the newest older version that passed the gates and was never rolled back from (or
+    to `to_version`); the version left is marked rolled_back, so no later rollback or scheduled promotion
+    brings it back. `expect_champion`: refuse unless @champion is that version (a deploy rolling back only
+    what it shipped)."""
     registry = open_registry(project)
+    if dry_run:
+        return _rollback(project, registry, None, to_version, reason, expect_champion)
+    with Lease(registry, "rollback") as lease:
+        moves.recover(project, registry, lease)
+        return _rollback(project, registry, lease, to_version, reason, expect_champion)
+
+
+def _rollback(
+    project: Project,
+    registry: Registry,
+    lease: Lease | None,
+    to_version: str | None,
+    reason: str | None,
+    expect_champion: str | None,
+) -> dict[str, Any]:
     current = registry.by_alias(CHAMPION)
     if current is None:
         raise CatdogError(f"{registry.name} has no @{CHAMPION}: nothing to roll back")
-    target = registry.version(to_version) if to_version else registry.by_alias(PREVIOUS)
-    if target is None:
-        raise CatdogError(f"{registry.name} has no @{PREVIOUS}: name the version to roll back to (--to N)")
-    if target.version == current.version:
-        raise CatdogError(f"{registry.name} version {target.version} is already @{CHAMPION}")
+    if expect_champion is not None and str(expect_champion) != current.version:
+        raise CatdogError(
+            f"{registry.name} @{CHAMPION} is version {current.version}, not {expect_champion}: it moved "
+            f"since (another rollback or a promotion), so this rollback is not made"
+        )
+    if to_version:
+        target = registry.version(to_version)
+        if target.version == current.version:
+            raise CatdogError(f"{registry.name} version {target.version} is already @{CHAMPION}")
+        if moves.rolled_back(target):
+            raise CatdogError(
+                f"{registry.name} version {target.version} was rolled back from "
+                f"({target.tags.get('rolled_back.reason', '')}): promote it (--version {target.version}) "
+                f"to gate it again"
+            )
+        if not moves.gates_passed(target, moves.promoted_versions(project, registry)):
+            raise CatdogError(
+                f"{registry.name} version {target.version} never passed the promotion gates: promote it "
+                f"(catdog promote --version {target.version}) instead"
+            )
+    else:
+        target = moves.rollback_target(project, registry, current.version)
+        if target is None:
+            raise CatdogError(
+                f"{registry.name} has no version older than @{CHAMPION} {current.version} that passed the "
+                f"gates and was not rolled back from: name one (--to N) or promote one"
+            )
     why = reason or "manual rollback"
-    move(project, registry, target.version, "rollback", why, None)
-    return {"name": registry.name, "from": current.version, "to": target.version, "reason": why}
+    answer = {"name": registry.name, "from": current.version, "to": target.version, "reason": why}
+    if lease is None:
+        print(f"rollback (dry run): {registry.name} @{CHAMPION} {current.version} -> {target.version}")
+        return answer
+    moves.commit(project, registry, lease, moves.Move.new("rollback", current.version, target.version, why))
+    return answer

@@ -84,6 +84,11 @@ class Registry:
         except MlflowException:
             return None
 
+    def versions(self) -> list[Version]:
+        """Every version of the model, with its tags."""
+        found = self.client.search_model_versions(f"name = '{self.name}'")
+        return [Version.of(version) for version in found]
+
     def aliases(self) -> dict[str, str]:
         """alias -> version of the registered model."""
         from mlflow.exceptions import MlflowException

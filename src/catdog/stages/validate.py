@@ -3,6 +3,9 @@
 Nothing is deleted from data/raw: unusable files are listed in the report and left out by `prepare`.
 Convertible oddities (CMYK, grayscale, palette, 16-bit, alpha, wrong extension) are kept and
 normalised by the shared preprocessing module. Thresholds from params.yaml fail the stage.
+No file's content can fail the stage: files are decoded in worker processes, any exception a decoder
+raises is classified (`corrupt`), and a file whose decoder kills its worker (a crash in native code, or
+out of memory) is re-run alone and, if that fails too, quarantined as `decoder_crashed`.
 """
 
 from __future__ import annotations
@@ -12,9 +15,10 @@ import hashlib
 import json
 import logging
 import time
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from collections.abc import Iterable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +36,8 @@ UNUSABLE = (
     "not_an_image",
     "unsupported_format",
     "truncated",
+    "corrupt",  # the decoder raised an exception that preprocessing does not classify
+    "decoder_crashed",  # the decoder killed its worker process (or ran out of memory), also when run alone
     "decompression_bomb",
     "too_small",
     "label_conflict",
@@ -52,6 +58,9 @@ _DECODE_CODES = {
     "too_large": "decompression_bomb",
     "too_small": "too_small",
 }
+# Files per task sent to a worker: few round trips, and little to re-run when a worker dies.
+CHUNK = 32
+Task = tuple[str, str, str, ValidateParams]  # path, label, path relative to the raw folder's parent, params
 
 
 @dataclass
@@ -92,12 +101,100 @@ def inspect_file(path: Path, label: str, rel: str, params: ValidateParams) -> Im
     except preprocessing.ImageDecodeError as exc:
         record.problems.append(_DECODE_CODES.get(exc.code, "not_an_image"))
         record.detail = exc.message
+    except MemoryError:
+        raise  # may say more about the machine than the file: the caller re-runs the file alone
+    except Exception as exc:
+        # A decoder failure that preprocessing does not classify (Pillow's plugins raise whatever their
+        # parsers hit): the file is unusable all the same, and one bad file must not stop the stage.
+        record.problems.append("corrupt")
+        record.detail = f"corrupt: {_describe(exc)}"
     return record
 
 
-def _inspect_task(args: tuple[str, str, str, ValidateParams]) -> ImageRecord:
-    path, label, rel, params = args
-    return inspect_file(Path(path), label, rel, params)
+def _describe(exc: BaseException) -> str:
+    """`module.Type: first line of the message`, the module left out for built-in exceptions."""
+    kind = type(exc)
+    name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    text = str(exc).strip().splitlines()
+    return f"{name}: {text[0][:200]}" if text else name
+
+
+def _inspect_chunk(tasks: list[Task]) -> list[ImageRecord | None]:
+    """Inspect files in a worker process; None for a file whose decoding ran out of memory."""
+    records: list[ImageRecord | None] = []
+    for path, label, rel, params in tasks:
+        try:
+            records.append(inspect_file(Path(path), label, rel, params))
+        except MemoryError:
+            records.append(None)
+    return records
+
+
+def _inspect_in_pool(tasks: list[Task], workers: int) -> list[ImageRecord | None]:
+    """Inspect every file in `workers` processes; None marks a file to re-run alone: out of memory, or in
+    a chunk that was in flight when a worker process died (a new pool then takes the remaining chunks)."""
+    results: list[ImageRecord | None] = [None] * len(tasks)
+    pending = deque(range(start, min(start + CHUNK, len(tasks))) for start in range(0, len(tasks), CHUNK))
+    while pending:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            # Two chunks per worker in flight: the workers never wait, and a crash loses little work.
+            running: dict[Future, range] = {}
+            broken = False
+            while (pending or running) and not broken:
+                while pending and len(running) < 2 * workers:
+                    chunk = pending.popleft()
+                    running[pool.submit(_inspect_chunk, [tasks[i] for i in chunk])] = chunk
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                broken = any(isinstance(f.exception(), BrokenProcessPool) for f in done)
+                if broken:
+                    wait(running)  # a broken pool fails every unfinished task: let them all settle
+                    done = set(running)
+                for future in done:
+                    chunk = running.pop(future)
+                    if not isinstance(future.exception(), BrokenProcessPool):
+                        results[chunk.start : chunk.stop] = future.result()
+        if broken:
+            log.warning(
+                "a validate worker process died (a crash in a native decoder, or killed for memory): "
+                "its files are re-run one at a time"
+            )
+    return results
+
+
+def _inspect_alone(tasks: list[Task], indices: list[int], results: list[ImageRecord | None]) -> None:
+    """Re-run files one at a time in a single worker process: a file that kills it again is the culprit."""
+    pool: ProcessPoolExecutor | None = None
+    try:
+        for i in indices:
+            pool = pool or ProcessPoolExecutor(max_workers=1)
+            try:
+                [record] = pool.submit(_inspect_chunk, [tasks[i]]).result()
+            except BrokenProcessPool:
+                pool.shutdown()
+                pool = None
+                results[i] = _crashed(tasks[i], "its decoder crashed the worker process, also when run alone")
+                continue
+            if record is None:
+                record = _crashed(tasks[i], "its decoder ran out of memory, also when run alone")
+            results[i] = record
+    finally:
+        if pool is not None:
+            pool.shutdown()
+
+
+def _crashed(task: Task, why: str) -> ImageRecord:
+    """The record of a file that no worker process could decode: quarantined, never deleted."""
+    path, label, rel, _ = task
+    data = Path(path).read_bytes()
+    log.warning("%s: %s; quarantined as decoder_crashed", rel, why)
+    return ImageRecord(
+        path=rel,
+        label=label,
+        bytes=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        problems=["decoder_crashed"],
+        detail=f"decoder_crashed: {why}",
+    )
 
 
 def list_raw_files(raw_images: Path) -> list[tuple[Path, str]]:
@@ -253,7 +350,10 @@ def render_summary(report: dict) -> str:
         )
     if report["quarantine"]:
         lines += ["", "## Quarantined files", ""]
-        lines += [f"- `{q['path']}`: {', '.join(q['problems'])}" for q in report["quarantine"][:200]]
+        lines += [
+            f"- `{q['path']}`: {', '.join(q['problems'])}" + (f" ({q['detail']})" if q["detail"] else "")
+            for q in report["quarantine"][:200]
+        ]
         if len(report["quarantine"]) > 200:
             lines.append(f"- ... and {len(report['quarantine']) - 200} more (see validation.json)")
     return "\n".join(lines) + "\n"
@@ -296,12 +396,11 @@ def validate_folder(raw_images: Path, params: ValidateParams, workers: int = 2) 
     """Inspect every file under raw_images/{Cat,Dog} and mark duplicates; paths are relative to its parent."""
     files = list_raw_files(raw_images)
     base = raw_images.parent
-    tasks = [(str(p), label, p.relative_to(base).as_posix(), params) for p, label in files]
-    if workers > 1 and len(tasks) > 64:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            records = list(pool.map(_inspect_task, tasks, chunksize=32))
-    else:
-        records = [_inspect_task(t) for t in tasks]
+    tasks: list[Task] = [(str(p), label, p.relative_to(base).as_posix(), params) for p, label in files]
+    # Always in worker processes, even for one worker: a crashing decoder takes down a worker, not the stage.
+    results = _inspect_in_pool(tasks, max(1, workers)) if tasks else []
+    _inspect_alone(tasks, [i for i, r in enumerate(results) if r is None], results)
+    records = [r for r in results if r is not None]
     mark_duplicates(records, params.near_duplicate_distance)
     return records
 
