@@ -163,12 +163,9 @@ class Predictor:
         max_pixels = self.settings.max_image_pixels
         plan_work = functools.partial(plan_upload, source, bundle.config, max_pixels)
         plan = await to_thread.run_sync(plan_work, limiter=self._decoders)
-        try:
-            async with self.decode_budget.reserve(plan.cost_bytes):
-                work = functools.partial(decode_upload, plan, bundle.config)
-                return await to_thread.run_sync(work, limiter=self._decoders)
-        finally:
-            plan.image.close()
+        async with self.decode_budget.reserve(plan.cost_bytes):
+            work = functools.partial(decode_upload, plan, bundle.config)
+            return await to_thread.run_sync(work, limiter=self._decoders)
 
     @property
     def ready(self) -> bool:

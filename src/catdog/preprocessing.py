@@ -231,9 +231,10 @@ def _palette_on_white(img: Image.Image) -> Image.Image:
 # and P in 1 byte, I;16 in 2 and every other mode (RGB, LA included) in 4; the peak adds the largest
 # full-size intermediate on the way to the model-sized RGB picture (the shrink happens in the decoded
 # mode: RGBA/LA are premultiplied for the resize, one more copy; P expands to RGB; 1 becomes L) and
-# about one byte of decoder and allocator slack. Measured peaks (RSS growth of one 6320x6320 decode,
-# bytes a pixel): P 5.9-6.7, RGBA/LA 8.8, RGB/CMYK/I/F 4.8-4.9, I;16 2.8, 1 2.7, WebP RGBA 10.0;
-# tests/unit/test_decode_memory.py fails when a decode's peak exceeds its estimate.
+# about one byte of decoder and allocator slack. Measured peaks (growth of a fresh process's peak RSS
+# over one 6320x6320 decode, bytes a pixel): P 5.1-6.0, RGBA/LA 8.1, RGB/CMYK/I/F 4.2, I;16 2.1, 1 2.0,
+# lossless RGBA WebP 16.1 (the old path: 19-21 for P, RGBA, LA and WebP); tests/unit/test_decode_memory.py
+# fails when a decode's peak exceeds its estimate.
 PEAK_BYTES_PER_PIXEL: dict[str, int] = {
     "1": 3,
     "L": 2,
@@ -257,8 +258,8 @@ PEAK_BYTES_PER_PIXEL: dict[str, int] = {
     "CMYK": 5,
 }
 UNKNOWN_MODE_BYTES_PER_PIXEL = 13
-# Decoders that hold more than the image while decoding: libwebp decodes into its own buffer first.
-DECODER_EXTRA_BYTES_PER_PIXEL: dict[str, int] = {"WEBP": 2}
+# Decoders that hold more than the image while decoding: libwebp decodes into its own buffers first.
+DECODER_EXTRA_BYTES_PER_PIXEL: dict[str, int] = {"WEBP": 8}
 # What any decode costs beyond its pixels (decoder state, the model-sized picture, headers).
 DECODE_OVERHEAD_BYTES = 8 * 1024 * 1024
 
@@ -364,9 +365,11 @@ def _upright(img: Image.Image) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return ImageOps.exif_transpose(img)
+            # In place: without an orientation tag nothing is copied (the default copies the whole image).
+            ImageOps.exif_transpose(img, in_place=True)
     except (OSError, SyntaxError, ValueError, TypeError, KeyError, ZeroDivisionError):
-        return img
+        pass
+    return img
 
 
 # Modes whose pixels Pillow resizes with the requested filter (it falls back to nearest neighbour for

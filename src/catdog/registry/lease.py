@@ -4,12 +4,14 @@ The lease is a registered-model tag holding its owner (host:pid:uuid), the opera
 MLflow has no compare-and-set, so acquiring is write, wait `settle` seconds, read back: of two processes that
 both saw the lease free, the later write wins and the earlier one reads the other's owner back and gives up.
 This holds while a writer's read-then-write gap stays under `settle` (milliseconds against half a second). A
-lease is taken over when it has expired, or at once when its owner ran on this host in a process now gone.
+lease is taken over when it has expired, or at once when its owner ran on this host, in this PID namespace
+(not another container that happens to share the host name), in a process now gone.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import time
@@ -22,6 +24,8 @@ from typing import Any
 
 from catdog.errors import EXIT_TRANSIENT, CatdogError
 from catdog.registry.store import Registry
+
+log = logging.getLogger(__name__)
 
 LEASE_TAG = "registry.lease"
 LEASE_SECONDS = 900.0  # outlasts the five gates (about a minute); renewed before the alias writes
@@ -41,6 +45,7 @@ class Holder:
     owner: str
     operation: str
     expires: float
+    pid_namespace: str = ""
 
     @classmethod
     def parse(cls, raw: str | None) -> Holder | None:
@@ -48,16 +53,36 @@ class Holder:
             return None
         try:
             data = json.loads(raw)
-            return cls(str(data["owner"]), str(data.get("operation", "?")), float(data["expires"]))
+            return cls(
+                str(data["owner"]),
+                str(data.get("operation", "?")),
+                float(data["expires"]),
+                str(data.get("pid_namespace", "")),
+            )
         except (ValueError, KeyError, TypeError):
             return cls(f"unreadable lease {raw[:80]!r}", "?", 0.0)  # expired: taken over
 
     def as_tag(self) -> str:
-        return json.dumps({"owner": self.owner, "operation": self.operation, "expires": self.expires})
+        return json.dumps(
+            {
+                "owner": self.owner,
+                "operation": self.operation,
+                "expires": self.expires,
+                "pid_namespace": self.pid_namespace,
+            }
+        )
 
     def describe(self) -> str:
         until = datetime.fromtimestamp(self.expires, UTC).isoformat(timespec="seconds")
         return f"{self.operation} by {self.owner} (lease until {until})"
+
+
+def pid_namespace() -> str:
+    """This process's PID namespace (a pid from another one, e.g. another container, means nothing here)."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
 
 
 def _process_gone(pid: int) -> bool:
@@ -76,12 +101,13 @@ def _process_gone(pid: int) -> bool:
 
 
 def stale(holder: Holder, now: float | None = None) -> bool:
-    """An expired lease, or one whose owner ran on this host in a process that is gone."""
+    """An expired lease, or one whose owner ran on this host and PID namespace in a process that is gone."""
     if holder.expires <= (time.time() if now is None else now):
         return True
     host, _, rest = holder.owner.partition(":")
     pid = rest.partition(":")[0]
-    return host == socket.gethostname() and pid.isdigit() and _process_gone(int(pid))
+    here = host == socket.gethostname() and holder.pid_namespace == pid_namespace() != ""
+    return here and pid.isdigit() and _process_gone(int(pid))
 
 
 class Lease:
@@ -113,7 +139,7 @@ class Lease:
         )
 
     def _write_and_confirm(self) -> None:
-        mine = Holder(self.owner, self.operation, time.time() + self.seconds)
+        mine = Holder(self.owner, self.operation, time.time() + self.seconds, pid_namespace())
         self.registry.client.set_registered_model_tag(self.registry.name, LEASE_TAG, mine.as_tag())
         time.sleep(self.settle)
         found = self.holder()
@@ -145,11 +171,18 @@ class Lease:
         self._write_and_confirm()
 
     def release(self) -> None:
-        if self.held:
+        """Drop the lease if it is still ours (best effort: an unreachable store lets it expire instead)."""
+        from mlflow.exceptions import MlflowException
+
+        if not self.held:
+            return
+        self.held = False
+        try:
             found = self.holder()
             if found is not None and found.owner == self.owner:
                 self.registry.client.delete_registered_model_tag(self.registry.name, LEASE_TAG)
-            self.held = False
+        except MlflowException as exc:
+            log.warning("the lease of %s was not released (it expires by itself): %s", self.owner, exc)
 
     def __enter__(self) -> Lease:
         return self.acquire()
