@@ -21,19 +21,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from benchmarks import service
-from benchmarks.http_load import Request, percentiles, probe, run_load, upload
+from benchmarks.http_load import LoadResult, Request, percentiles, probe, run_load, upload
 from catdog import preprocessing
 from tests import worst_images
 
@@ -155,16 +157,49 @@ def single_decodes(url: str, pid: int, requests: Sequence[tuple[Request, int]]) 
     return rows
 
 
-async def _barrage(url: str, requests: Sequence[Request], concurrency: int, seconds: float):
-    return await asyncio.gather(
-        run_load(url, requests, concurrency, seconds, REQUEST_TIMEOUT), probe(url, "/health", seconds, 0.2)
-    )
+def send_barrage(url: str, requests: Sequence[Request], concurrency: int, seconds: float) -> LoadResult:
+    """`concurrency` clients taking the next file of one shared cycle until `seconds` have passed (each
+    client's own cycle, as in run_load, would leave the last files unsent when decodes take seconds)."""
+    result = LoadResult(concurrency)
+    queue, lock = itertools.cycle(requests), threading.Lock()
+    started = time.perf_counter()
+    stop_at = started + seconds
+
+    def client() -> None:
+        with httpx.Client(base_url=url, timeout=REQUEST_TIMEOUT) as session:
+            while time.perf_counter() < stop_at:
+                with lock:
+                    request = next(queue)
+                sent = time.perf_counter()
+                headers = {"Content-Type": request.content_type}
+                try:
+                    answer = session.post(request.path, content=request.body, headers=headers)
+                except httpx.HTTPError as exc:
+                    with lock:
+                        result.errors[type(exc).__name__] += 1
+                    continue
+                with lock:
+                    result.record(
+                        request, answer.status_code, answer.content, (time.perf_counter() - sent) * 1e3
+                    )
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        for done in [pool.submit(client) for _ in range(concurrency)]:
+            done.result()
+    result.seconds = time.perf_counter() - started
+    return result
 
 
 def barrage(url: str, pid: int, requests: Sequence[Request], args: argparse.Namespace) -> dict[str, Any]:
     before = status_kib(pid, "VmRSS") / 1024
+    health: list[float] = []
+    prober = threading.Thread(
+        target=lambda: health.extend(asyncio.run(probe(url, "/health", args.seconds, 0.2)))
+    )
     with Peak(pid) as peak:
-        result, health = asyncio.run(_barrage(url, requests, args.concurrency, args.seconds))
+        prober.start()
+        result = send_barrage(url, requests, args.concurrency, args.seconds)
+        prober.join()
     time.sleep(2)
     after = status_kib(pid, "VmRSS") / 1024
     return {

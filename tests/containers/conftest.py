@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -41,6 +41,12 @@ def report(request: pytest.FixtureRequest, line: str) -> None:
         return
     with capture.global_and_fixture_disabled():
         reporter.write_line(f"[containers] {line}")
+
+
+@pytest.fixture
+def say(request: pytest.FixtureRequest) -> Callable[[str], None]:
+    """report() for a test: its figures (memory, answers) show on the terminal of a normal suite run."""
+    return lambda line: report(request, line)
 
 
 @contextmanager

@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -158,7 +159,7 @@ def uploads(photos: dict[str, list[Path]]) -> list[tuple[str, bytes, int]]:
 
 
 def test_a_barrage_of_worst_case_uploads_under_a_1g_limit_is_answered_without_oom(
-    limited_container: tuple[str, str], photos: dict[str, list[Path]]
+    limited_container: tuple[str, str], photos: dict[str, list[Path]], say: Callable[[str], None]
 ) -> None:
     name, url = limited_container
     items = uploads(photos)
@@ -215,14 +216,16 @@ def test_a_barrage_of_worst_case_uploads_under_a_1g_limit_is_answered_without_oo
     by_status: Counter[int] = Counter()
     for (_label, status, _code), count in answers.items():
         by_status[status] += count
-    print(
-        f"\n{sum(answers.values())} answers in {elapsed:.0f}s at c={CONCURRENCY}: "
-        f"{dict(sorted(by_status.items()))}; "
-        f"{len(errors)} transport errors; /health {prober.probes} probes, slowest "
-        f"{prober.slowest * 1000:.0f} ms, {len(prober.failures)} failed\n"
-        f"service RSS before {before.get('VmRSS', 0):.0f} MiB, peak (VmHWM) {after.get('VmHWM', 0):.0f} MiB, "
-        f"after {after.get('VmRSS', 0):.0f} MiB; cgroup peak {(peak or 0) / MiB:.0f} MiB of "
-        f"{LIMIT_BYTES / MiB:.0f} (hit the limit {failcnt} times); decode budget {budget / MiB:.0f} MiB"
+    say(
+        f"--memory 1g barrage: {sum(answers.values())} answers in {elapsed:.0f}s at c={CONCURRENCY}: "
+        f"{dict(sorted(by_status.items()))}, {len(errors)} transport errors; /health {prober.probes} probes, "
+        f"slowest {prober.slowest * 1000:.0f} ms, {len(prober.failures)} failed"
+    )
+    say(
+        f"--memory 1g barrage: service RSS before {before.get('VmRSS', 0):.0f} MiB, peak (VmHWM) "
+        f"{after.get('VmHWM', 0):.0f} MiB, after {after.get('VmRSS', 0):.0f} MiB; container (cgroup) peak "
+        f"{(peak or 0) / MiB:.0f} of {LIMIT_BYTES / MiB:.0f} MiB, limit hit {failcnt} times; "
+        f"decode budget {budget / MiB:.0f} MiB; OOMKilled {state['OOMKilled']}"
     )
     for (label, status, code), count in sorted(answers.items()):
         if not label.startswith("photo:"):
