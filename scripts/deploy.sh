@@ -13,7 +13,8 @@
 #   KUBE_CONTEXT       kubectl context (default: the current one)
 #   PUBLIC_HOST        the Ingress host and its TLS certificate's name (production)
 #   PUBLIC_URL         the public base URL: /health must answer 200 there, POST /admin/reload 404
-#   SYNC_SECRET=1      create/update the pods' Secret catdog-serving-secrets from ADMIN_API_KEY and the registry's
+#   SYNC_SECRET=1      create/update the pods' Secret catdog-serving-secrets from ADMIN_API_KEY, FEEDBACK_API_KEY
+#                      (the key POST /feedback needs; unset = anyone who got a prediction may label it) and the registry's
 #                      READ-ONLY serving user: SERVING_MLFLOW_TRACKING_USERNAME / _PASSWORD (and
 #                      SERVING_MLFLOW_TRACKING_URI, default MLFLOW_TRACKING_URI). Never the pipeline's
 #                      MLFLOW_TRACKING_USERNAME / _PASSWORD (this script's own, for `make rollback`), never S3 keys.
@@ -30,7 +31,7 @@ APP=catdog
 SECRET=catdog-serving-secrets
 # The pods' Secret: key=the variable it comes from. Least privilege: the serving user reads the registry and
 # can move no alias; the MLflow server proxies the artifacts (--serve-artifacts), so pods hold no S3 keys.
-SECRET_KEYS=(ADMIN_API_KEY=ADMIN_API_KEY MLFLOW_TRACKING_URI=SERVING_MLFLOW_TRACKING_URI
+SECRET_KEYS=(ADMIN_API_KEY=ADMIN_API_KEY FEEDBACK_API_KEY=FEEDBACK_API_KEY MLFLOW_TRACKING_URI=SERVING_MLFLOW_TRACKING_URI
     MLFLOW_TRACKING_USERNAME=SERVING_MLFLOW_TRACKING_USERNAME MLFLOW_TRACKING_PASSWORD=SERVING_MLFLOW_TRACKING_PASSWORD)
 # Keys the pods' Secret must never hold: storage credentials (a Secret made out of band is checked too).
 FORBIDDEN_KEYS='^(AWS_ACCESS_KEY_ID|AWS_SECRET_ACCESS_KEY|AWS_SESSION_TOKEN)$'
