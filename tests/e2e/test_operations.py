@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -100,9 +101,16 @@ def test_request_logs_are_json_without_image_bytes(server, photos) -> None:
             "/predict", files={"file": ('dog "best"\n\x1b[31mred.jpg', data, "image/jpeg")}
         )
     request_id = response.headers["x-request-id"]
-    lines = server.log_lines()
-    records = [json.loads(line) for line in lines]
-    (line,) = [r for r in records if r.get("request_id") == request_id]
+    # The access line is written after the answer is sent: wait for it rather than read the log at once.
+    deadline = time.monotonic() + 30
+    while True:
+        lines = server.log_lines()
+        records = [json.loads(line) for line in lines]
+        found = [r for r in records if r.get("request_id") == request_id and "route" in r]
+        if found or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    (line,) = found
     assert line["route"] == "/predict" and line["status"] == 200 and line["latency_ms"] > 0
     assert line["model_version"] == response.json()["model"]["version"]
     assert line["label"] == response.json()["label"]
