@@ -230,6 +230,8 @@ class MicroBatcher:
             self._task = asyncio.get_running_loop().create_task(self._supervise(), name="micro-batcher")
 
     async def stop(self) -> None:
+        """Stop the loop and answer every request it still holds (queued, in a batch, or a call waiting for
+        the inference thread) with InferenceUnavailable, so none waits for the backstop."""
         for task in (self._recovery, self._task):
             if task is not None:
                 task.cancel()
@@ -237,8 +239,14 @@ class MicroBatcher:
                     await task
         self._recovery = None
         self._task = None
+        error = InferenceUnavailable("the inference loop stopped")
+        lost, self._in_hand = self._in_hand, []
+        _fail(lost, error)
+        self._drain(error)
         if self._worker is not None:
-            self._worker.retire()
+            for future, _function, _args in self._worker.retire():
+                if future.set_running_or_notify_cancel():
+                    future.set_exception(error)
             self._worker = None
 
     async def predict(self, model: Any, image: np.ndarray) -> np.ndarray:

@@ -107,7 +107,9 @@ class DecodeBudget:
                 if future.done() and not future.cancelled():
                     self._release(amount)  # granted just as the waiter was cancelled
                 else:
-                    self._waiters.remove(entry)
+                    # A release may already have dropped this cancelled entry from the queue.
+                    with contextlib.suppress(ValueError):
+                        self._waiters.remove(entry)
                     self._wake()
                 raise
         else:

@@ -66,7 +66,8 @@ class ServiceMetrics:
         )
         self.guard_refused = Counter(
             "catdog_http_requests_refused_total",
-            "Requests refused by the request guard, by reason (overloaded, body_timeout, too_many_parts).",
+            "Requests the request guard refused before the app read them, by error code (overloaded, "
+            "body_timeout, too_many_files, upload_too_large, unsupported_media_type, invalid_request).",
             ["reason"],
             registry=r,
         )

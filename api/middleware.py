@@ -12,6 +12,8 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
+from python_multipart.multipart import parse_options_header
+
 from api import logs
 from api.errors import BodyRefused
 from api.metrics import ServiceMetrics
@@ -25,7 +27,6 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 log = logging.getLogger("catdog.api")
 SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 HEADER = b"x-request-id"
-BOUNDARY = re.compile(r'boundary=(?:"(?P<quoted>[^"]{1,200})"|(?P<token>[^\s;,]{1,200}))', re.IGNORECASE)
 UNGUARDED = frozenset({"/health", "/ready", "/metrics"})
 
 
@@ -155,10 +156,10 @@ class MultipartMeter:
 
 
 def _boundary(content_type: str) -> bytes | None:
-    match = BOUNDARY.search(content_type)
-    if not match:
-        return None
-    return (match["quoted"] or match["token"]).encode("latin-1")
+    """The boundary exactly as Starlette's form parser reads it (python-multipart's header parser: the last
+    `boundary` parameter, quoted or not), so the meter counts the delimiters the parser will split on."""
+    _, params = parse_options_header(content_type)
+    return params.get(b"boundary") or None
 
 
 class RequestGuard:
@@ -189,8 +190,7 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         if self.in_flight >= self.max_in_flight:
-            self.metrics.guard_refused.labels(reason="overloaded").inc()
-            await send_error(
+            await self._refuse(
                 send,
                 503,
                 "overloaded",
@@ -203,6 +203,12 @@ class RequestGuard:
             await self._guarded(scope, receive, send)
         finally:
             self.in_flight -= 1
+
+    async def _refuse(
+        self, send: Send, status: int, code: str, message: str, extra: dict[str, str] | None = None
+    ) -> None:
+        self.metrics.guard_refused.labels(reason=code).inc()
+        await send_error(send, status, code, message, extra)
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -217,7 +223,7 @@ class RequestGuard:
             given = header.split(";")[0].strip().lower()
             if given != rule.content_type:
                 shown = f"'{given[:80]}'" if given else "none"
-                await send_error(
+                await self._refuse(
                     send,
                     415,
                     "unsupported_media_type",
@@ -227,12 +233,12 @@ class RequestGuard:
             if rule.max_parts:
                 boundary = _boundary(header)
                 if boundary is None:
-                    await send_error(send, 400, "invalid_request", "the multipart body has no boundary")
+                    await self._refuse(send, 400, "invalid_request", "the multipart body has no boundary")
                     return
                 meter = MultipartMeter(boundary, rule)
         length = _header(scope, b"content-length")
         if length is not None and length.isdigit() and int(length) > rule.max_bytes:
-            await send_error(
+            await self._refuse(
                 send,
                 413,
                 "upload_too_large",
@@ -259,6 +265,7 @@ class RequestGuard:
                 received += len(chunk)
                 complete = not message.get("more_body", False)
                 if received > rule.max_bytes:
+                    self.metrics.guard_refused.labels(reason="upload_too_large").inc()
                     raise BodyRefused(
                         413,
                         "upload_too_large",

@@ -3,11 +3,13 @@
 A model is usable only when it carries the export stage's metadata (labels, preprocessing) and has the
 expected input and output tensors; anything else fails with a ModelLoadError that says why.
 
-MLflow models are downloaded into one folder per model version under the cache folder (into a temporary
-folder renamed when complete, under a file lock shared by the processes using the cache), so no file of
-one version is ever served with another; `prune_cache` then removes every version but the served one.
-Without a cache folder the download is removed as soon as the model is loaded: everything the service
-needs from the files (the session, the card, the reference statistics) is read by then.
+MLflow models whose files never change (a registry version, a run's artifacts) are downloaded into one
+folder per model version under the cache folder (into a temporary folder renamed when complete, under a file
+lock shared by the processes using the cache), so no file of one version is ever served with another;
+`prune_cache` then removes every version but the served one, and nothing else in the folder. Other URIs
+(s3://, https://, mlflow-artifacts:/ ...) may change behind the same name, so they are downloaded afresh on
+every load. Without a cache folder, or for such URIs, the download is removed as soon as the model is loaded:
+everything the service needs from the files (the session, the card, the reference statistics) is read by then.
 """
 
 from __future__ import annotations
@@ -51,6 +53,11 @@ RELOADABLE_URI = re.compile(r"^models:/[A-Za-z0-9][\w.-]*(?:/\d+|@[\w-]+)?/?$")
 SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 CACHE_LOCK = ".lock"
 PARTIAL_PREFIX = ".partial-"
+# What `_cache_name` produces ("model" or "<name>-v<N>", cut to 80 characters, then 12 hex digits): prune_cache
+# removes only these (and partial downloads), so a cache folder shared with other files loses nothing else.
+CACHE_ENTRY = re.compile(r"^(?:model|[A-Za-z0-9._-]*-v\d+|[A-Za-z0-9._-]{80})-[0-9a-f]{12}$")
+# Sources whose files never change once written, so a cached copy stays valid: a run's artifacts.
+IMMUTABLE = re.compile(r"^runs:/[0-9a-fA-F]+/")
 
 
 class ModelLoadError(Exception):
@@ -176,7 +183,7 @@ def _fetched(uri: str, registry: dict[str, Any] | None, cache_dir: str) -> Itera
     """(the model's local location, its cache folder or None) while the caller reads it."""
     # An alias is pinned to the version just resolved, so the files are that version's even if it moves.
     source = f"models:/{registry['name']}/{registry['version']}" if registry else uri
-    if not cache_dir:
+    if not cache_dir or not (registry or IMMUTABLE.match(uri)):
         with tempfile.TemporaryDirectory(prefix="catdog-model-") as temporary:
             yield _download(source, Path(temporary)), None
         return
@@ -202,16 +209,25 @@ def _model_root(entry: Path) -> Path:
     return nested[0] if len(nested) == 1 else entry
 
 
+def _is_cache_entry(child: Path) -> bool:
+    """A folder the cache made: a version folder or a partial download (anything else is left alone)."""
+    return child.is_dir() and (bool(CACHE_ENTRY.match(child.name)) or child.name.startswith(PARTIAL_PREFIX))
+
+
 def prune_cache(cache_dir: str, keep: Path | None) -> None:
-    """Remove every version folder and leftover partial download in the cache but `keep`."""
+    """Remove every version folder and leftover partial download in the cache but `keep`. Best effort: a
+    cache that cannot be locked or cleaned is logged, never raised (it must not hide a load's own outcome)."""
     cache = Path(cache_dir).expanduser()
     if not cache.is_dir():
         return
-    with _cache_lock(cache):
-        for child in cache.iterdir():
-            if child.is_dir() and (keep is None or child.resolve() != keep.resolve()):
-                shutil.rmtree(child, ignore_errors=True)
-                log.info("model cache: removed %s", child.name)
+    try:
+        with _cache_lock(cache):
+            for child in cache.iterdir():
+                if _is_cache_entry(child) and (keep is None or child.resolve() != keep.resolve()):
+                    shutil.rmtree(child, ignore_errors=True)
+                    log.info("model cache: removed %s", child.name)
+    except OSError as exc:
+        log.warning("model cache %s not pruned: %s", cache, _first_line(exc))
 
 
 def _registry_version(uri: str) -> dict[str, Any] | None:

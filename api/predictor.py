@@ -120,6 +120,11 @@ def warmup_image() -> bytes:
 class Predictor:
     """The served model and the batcher in front of it."""
 
+    # While no model is served, the configured load is retried after these pauses (doubling): a transient
+    # failure (MLflow down, a slow warm-up) must not leave the pod unready for good.
+    retry_first_s = 5.0
+    retry_max_s = 60.0
+
     def __init__(self, settings: Settings, metrics: ServiceMetrics, drift: DriftMonitor) -> None:
         self.settings = settings
         self.metrics = metrics
@@ -147,6 +152,8 @@ class Predictor:
         metrics.decode_memory.set_function(lambda: self.decode_budget.used)
         metrics.decode_budget.set(self.decode_budget.total)
         self._scored: ScoredModel | None = None
+        # Computed at each scrape, so it drops to 0 whenever /ready would answer 503 (inference failing too).
+        metrics.ready.set_function(lambda: float(self.ready))
 
     def scored(self, bundle: ModelBundle) -> ScoredModel:
         """The batcher's model for `bundle` (one per bundle, so a batch never mixes models)."""
@@ -208,10 +215,14 @@ class Predictor:
 
     async def _watch_alias(self) -> None:
         """Follow a models:/name@alias URI: when the alias moves, load the new version and swap it in; a
-        version that fails to load or warm up is skipped (the working model keeps serving) until it moves."""
+        version that fails to load or warm up is skipped (the working model keeps serving) until it moves.
+        An unexpected error is logged and the next poll goes on: the watcher never dies."""
         while True:
             await asyncio.sleep(self.settings.model_poll_seconds)
-            await self.check_alias()
+            try:
+                await self.check_alias()
+            except Exception:
+                log.exception("alias check of %s failed", self.settings.model_uri)
 
     async def check_alias(self) -> None:
         """One poll of the served alias (a no-op for other URIs)."""
@@ -232,17 +243,26 @@ class Predictor:
         try:
             await self.reload(uri, self.settings.model_precision)
         except ModelLoadError as exc:
-            self._broken_version = version
+            # Skipped until the alias moves only when a working model keeps serving; with none, the
+            # configured load's retries (and later polls) try the version again.
+            if self.bundle is not None:
+                self._broken_version = version
             log.error(
                 "version %s of %s not swapped in, still serving the current model: %s", version, uri, exc
             )
 
     async def _load_configured(self) -> None:
-        try:
-            await self.reload(self.settings.model_uri, self.settings.model_precision)
-        except ModelLoadError as exc:
-            self.status = "no model: load failed"
-            log.error("model not loaded: %s", exc)
+        """Load MODEL_URI; while no model is served (an admin reload may serve one first), retry with
+        backoff."""
+        pause = self.retry_first_s
+        while self.bundle is None:
+            try:
+                await self.reload(self.settings.model_uri, self.settings.model_precision)
+            except Exception as exc:
+                self.status = "no model: load failed"
+                log.error("model not loaded (next try in %g s): %s", pause, exc)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, self.retry_max_s)
 
     async def reload(self, uri: str, precision: str) -> ModelBundle:
         """Load and warm up the model at `uri`, then swap it in; on failure the current model stays."""
@@ -266,7 +286,6 @@ class Predictor:
             self.drift.use_model(bundle.version, bundle.reference)
             self.status = "ready"
             self.metrics.reloads.labels(outcome="loaded").inc()
-            self.metrics.ready.set(1)
             self.metrics.model.info(
                 {
                     "name": bundle.name,

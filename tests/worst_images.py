@@ -32,6 +32,13 @@ def _palette(side: int, transparent: bool) -> Image.Image:
     return img
 
 
+def _orientation_6() -> bytes:
+    """EXIF saying "turn 90 degrees": making the picture upright builds a transposed copy."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return exif.tobytes()
+
+
 def _uniform(mode: str, side: int, value: object) -> Image.Image:
     return Image.new(mode, (side, side), value)  # type: ignore[arg-type]
 
@@ -44,6 +51,10 @@ MAKERS: dict[str, Callable[[int], bytes]] = {
     "png_gray16": lambda s: _save(_uniform("I;16", s, 40000), "PNG"),
     "png_bilevel": lambda s: _save(_uniform("1", s, 1), "PNG"),
     "png_rgb": lambda s: _save(_uniform("RGB", s, (10, 200, 30)), "PNG"),
+    "png_rgb_rotated": lambda s: _save(_uniform("RGB", s, (10, 200, 30)), "PNG", exif=_orientation_6()),
+    "tiff_gray16_rotated": lambda s: _save(
+        _uniform("I;16", s, 40000), "TIFF", compression="tiff_adobe_deflate", tiffinfo={0x0112: 6}
+    ),
     "gif_palette": lambda s: _save(_palette(s, True), "GIF"),
     "tiff_rgba_deflate": lambda s: _save(
         _uniform("RGBA", s, (10, 200, 30, 255)), "TIFF", compression="tiff_adobe_deflate"

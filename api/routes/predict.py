@@ -181,8 +181,9 @@ def decode_base64(text: str, limit: int) -> bytes:
     if head:
         raw = raw.lstrip()[head.end() :]
     raw = raw.translate(None, WHITESPACE)
-    if len(raw) * 3 // 4 > limit:
-        raise _too_large(len(raw) * 3 // 4, limit)
+    size = len(raw) * 3 // 4 - raw[-2:].count(b"=")  # the decoded length: padding carries no bytes
+    if size > limit:
+        raise _too_large(size, limit)
     try:
         return base64.b64decode(raw, validate=True)
     except (binascii.Error, ValueError) as exc:

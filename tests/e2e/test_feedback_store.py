@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from api import feedback
 from api.errors import ApiError
 from api.feedback import FeedbackStore
 from api.metrics import ServiceMetrics
@@ -112,3 +113,122 @@ def test_a_database_of_the_old_schema_is_migrated(tmp_path: Path) -> None:
         tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert kept == [("old-1", "cat"), ("old-2", "dog"), ("new-1", "cat")]
     assert tables == {"models", "predictions"}
+
+
+def test_a_failed_maintenance_step_loses_no_prediction(tmp_path: Path) -> None:
+    """Another process holds the write lock while pruning runs after an insert: the committed rows are
+    not written again, and the next predictions are stored too."""
+    database = tmp_path / "feedback.db"
+    store = FeedbackStore(Settings(feedback_db=str(database)), ServiceMetrics())
+    enforce_caps = store._enforce_caps
+    locked = []
+
+    def locked_once() -> None:
+        if not locked:  # a real SQLITE_BUSY: another connection holds the write lock past the busy timeout
+            locked.append(True)
+            other = sqlite3.connect(database, isolation_level=None)
+            other.execute("BEGIN IMMEDIATE")
+            try:
+                with store._transaction():
+                    pass
+            finally:
+                other.execute("ROLLBACK")
+                other.close()
+        enforce_caps()
+
+    async def scenario() -> list[str]:
+        await store.start()
+        store._enforce_caps = locked_once  # type: ignore[method-assign]
+        first = store.remember("r1", prediction(1))
+        await store.drain()
+        second = store.remember("r2", prediction(2))
+        await store.drain()
+        answers = [
+            await store.record(first, "cat", "192.0.2.1"),
+            await store.record(second, "dog", "192.0.2.1"),
+        ]
+        await store.stop()
+        return [answer["status"] for answer in answers]
+
+    assert asyncio.run(scenario()) == ["recorded", "recorded"]
+    assert locked == [True]
+    with sqlite3.connect(database) as db:
+        assert db.execute("SELECT request_id FROM predictions ORDER BY id").fetchall() == [("r1",), ("r2",)]
+
+
+def test_a_corrupt_legacy_row_is_skipped_and_the_good_ones_kept(tmp_path: Path) -> None:
+    database = tmp_path / "feedback.db"
+    with sqlite3.connect(database) as db:
+        db.execute(
+            "CREATE TABLE predictions (request_id TEXT PRIMARY KEY, created_at REAL NOT NULL, "
+            "model_name TEXT NOT NULL, model_version TEXT NOT NULL, label TEXT NOT NULL, "
+            "confidence REAL NOT NULL, probabilities TEXT NOT NULL, true_label TEXT, feedback_at REAL)"
+        )
+        now = time.time()
+        good = json.dumps({"cat": 0.8, "dog": 0.2})
+        db.executemany(
+            "INSERT INTO predictions VALUES (?, ?, 'lite0', '3', 'cat', 0.8, ?, ?, ?)",
+            [
+                ("old-1", now, good, "cat", now),
+                ("bad-json", now, "{not json", "cat", now + 1),
+                ("bad-type", now, "5", "dog", now + 2),
+                ("old-2", now, good, "dog", now + 3),
+            ],
+        )
+    store = FeedbackStore(Settings(feedback_db=str(database)), ServiceMetrics())
+
+    async def scenario() -> dict:
+        await store.start()
+        report = await store.performance()
+        await store.stop()
+        return report
+
+    report = asyncio.run(scenario())
+    assert store.problem == "the service is shutting down"
+    assert report["labelled_total"] == 2 and report["correct"] == 1
+    with sqlite3.connect(database) as db:
+        kept = db.execute("SELECT request_id FROM predictions ORDER BY id").fetchall()
+    assert kept == [("old-1",), ("old-2",)]
+
+
+def test_a_database_path_that_becomes_usable_is_opened_without_a_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(feedback, "REOPEN_MIN_S", 0.0)  # retry on the next call, not seconds later
+    blocker = tmp_path / "volume"
+    blocker.write_text("a file where the database's folder should be")
+    store = FeedbackStore(Settings(feedback_db=str(blocker / "feedback.db")), ServiceMetrics())
+
+    async def scenario() -> tuple[str, str, str]:
+        await store.start()
+        store.remember("lost", prediction(1))  # served, not stored: the database is not open
+        with pytest.raises(ApiError) as unavailable:
+            await store.performance()
+        blocker.unlink()  # the volume appears
+        await store.performance()
+        made = store.remember("r1", prediction(1))
+        answer = await store.record(made, "cat", "192.0.2.1")
+        await store.stop()
+        return unavailable.value.code, answer["status"], store.problem or ""
+
+    code, status, problem = asyncio.run(scenario())
+    assert code == "feedback_unavailable" and status == "recorded"
+    assert problem == "the service is shutting down"
+    assert (blocker / "feedback.db").exists()
+
+
+def test_a_database_error_while_reporting_is_a_503(tmp_path: Path) -> None:
+    database = tmp_path / "feedback.db"
+    store = FeedbackStore(Settings(feedback_db=str(database)), ServiceMetrics())
+
+    async def scenario() -> ApiError:
+        await store.start()
+        with sqlite3.connect(database) as other:  # the schema changes under the service
+            other.execute("DROP TABLE predictions")
+        with pytest.raises(ApiError) as failed:
+            await store.performance()
+        await store.stop()
+        return failed.value
+
+    error = asyncio.run(scenario())
+    assert error.status == 503 and error.code == "feedback_unavailable"

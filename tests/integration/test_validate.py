@@ -262,6 +262,60 @@ def test_the_stage_reports_a_crashed_file_with_its_reason(tmp_path, pool_raw, mo
     assert f"- `PetImages/Cat/crash.jpg`: decoder_crashed ({entry['detail']})" in summary
 
 
+# ---- a file that cannot be read is classified, and costs no other file its record ----
+def test_the_stage_reports_unreadable_files_and_keeps_the_good_photos(tmp_path, pool_raw):
+    root = make_project(tmp_path, pool_raw, max_unusable_fraction=0.5)
+    # Root reads through chmod 000: a dangling link and a link to a folder raise OSError for anyone.
+    (root / "data/raw/PetImages/Cat/gone.jpg").symlink_to("missing.jpg")
+    (root / "data/raw/PetImages/Dog/folder.jpg").symlink_to(root / "data")
+    report = validate.run(root)
+    saved = json.loads((root / "reports" / "validation.json").read_text())
+    assert saved["files"]["unreadable"] == ["PetImages/Cat/gone.jpg", "PetImages/Dog/folder.jpg"]
+    details = {q["path"]: q["detail"] for q in saved["quarantine"]}
+    assert details == {
+        "PetImages/Cat/gone.jpg": "unreadable: FileNotFoundError: No such file or directory",
+        "PetImages/Dog/folder.jpg": "unreadable: IsADirectoryError: not a regular file (a link to a folder, "
+        "a pipe or a device)",
+    }
+    assert report["total"] == 74 and report["usable"] == 72
+    summary = (root / "reports" / "validation.md").read_text()
+    assert "| unreadable | 1 | 1 | unusable |" in summary
+    assert (root / "data/raw/PetImages/Cat/gone.jpg").is_symlink(), "quarantine never deletes"
+
+
+def test_a_file_removed_during_the_run_is_unreadable_not_raised(tmp_path):
+    record = validate.inspect_file(tmp_path / "removed.jpg", "cat", "PetImages/Cat/removed.jpg", PARAMS)
+    assert record.problems == ["unreadable"] and not record.usable
+    assert record.detail == "unreadable: FileNotFoundError: No such file or directory"
+    crashed = validate._crashed(
+        (str(tmp_path / "removed.jpg"), "cat", "PetImages/Cat/removed.jpg", PARAMS), "x"
+    )
+    assert crashed.problems == ["decoder_crashed"] and crashed.bytes == 0
+
+
+@forked_workers
+def test_a_chunk_that_raises_is_rerun_file_by_file(pool_raw, monkeypatch, caplog):
+    """An unexpected exception that fails a whole chunk must not stop the stage: the chunk's files are
+    re-run alone, and a file that raises alone too is quarantined with the reason."""
+    real_inspect = validate.inspect_file
+
+    def failing_inspect(path, *args):
+        if "p03" in path.name:
+            raise RuntimeError("planted failure")
+        return real_inspect(path, *args)
+
+    # Workers are forked from the test process and look inspect_file up at call time: they run the plant.
+    monkeypatch.setattr(validate, "inspect_file", failing_inspect)
+    with caplog.at_level(logging.WARNING, logger=validate.__name__):
+        records = by_name(validate.validate_folder(pool_raw, PARAMS, workers=2))
+    assert len(records) == 72
+    for name in ("Cat/p03.jpg", "Dog/p03.jpg"):
+        assert records[name].problems == ["decoder_crashed"]
+        assert "RuntimeError: planted failure" in records[name].detail
+    assert all(r.usable for name, r in records.items() if "p03" not in name)
+    assert "re-run one at a time" in caplog.text
+
+
 # ---- a real run over fuzzed files and real photos ----
 EXTENSIONS = {"jpeg": ".jpg", "mpo": ".jpg", "png": ".png", "gif": ".gif", "webp": ".webp", "bmp": ".bmp"}
 EXTENSIONS["tiff"] = ".tif"

@@ -353,3 +353,37 @@ def test_a_failing_observer_never_fails_the_requests() -> None:
     served, ready = scenario(run, observe=observe)
     np.testing.assert_allclose(served, [0.4, 0.6])
     assert ready is True
+
+
+def test_stop_answers_every_request_it_holds() -> None:
+    """Queued requests, a batch in flight and a call waiting for the inference thread all get
+    InferenceUnavailable on stop, long before the backstop (3 x a 60 s deadline)."""
+    release = threading.Event()
+
+    started = threading.Event()
+
+    class Blocking(Model):
+        def predict(self, batch: np.ndarray) -> np.ndarray:
+            started.set()
+            release.wait(BOUND)
+            return super().predict(batch)
+
+    batcher = MicroBatcher(max_size=1, max_wait_ms=0, max_queue=10, deadline_s=60)
+
+    async def scenario() -> list:
+        batcher.start()
+        model = Blocking()
+        requests = [asyncio.create_task(batcher.predict(model, image(0.5))) for _ in range(3)]
+        # The first batch is running (blocked) on the inference thread, the others wait in the queue.
+        await asyncio.to_thread(started.wait, BOUND)
+        warm_up = asyncio.create_task(batcher.run_in_thread(lambda: 1))
+        await asyncio.sleep(0.05)
+        try:
+            await batcher.stop()
+            return await asyncio.wait_for(asyncio.gather(*requests, warm_up, return_exceptions=True), BOUND)
+        finally:
+            release.set()
+
+    answers = asyncio.run(scenario())
+    assert len(answers) == 4
+    assert all(isinstance(answer, InferenceUnavailable) for answer in answers), answers

@@ -4,7 +4,8 @@ Nothing is deleted from data/raw: unusable files are listed in the report and le
 Convertible oddities (CMYK, grayscale, palette, 16-bit, alpha, wrong extension) are kept and
 normalised by the shared preprocessing module. Thresholds from params.yaml fail the stage.
 No file's content can fail the stage: files are decoded in worker processes, any exception a decoder
-raises is classified (`corrupt`), and a file whose decoder kills its worker (a crash in native code, or
+raises is classified (`corrupt`), a file that cannot be read (no permission, a dangling link, removed
+during the run) is `unreadable`, and a file whose decoder kills its worker (a crash in native code, or
 out of memory) is re-run alone and, if that fails too, quarantined as `decoder_crashed`.
 """
 
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 # A file with any of these problems cannot be used for training.
 UNUSABLE = (
+    "unreadable",  # reading the file failed (OSError): no permission, a dangling link, removed during the run
     "zero_byte",
     "not_an_image",
     "unsupported_format",
@@ -87,7 +89,13 @@ class ImageRecord:
 
 def inspect_file(path: Path, label: str, rel: str, params: ValidateParams) -> ImageRecord:
     """Decode one file fully and record every problem found; never raises for bad content."""
-    data = path.read_bytes()
+    try:
+        if path.exists() and not path.is_file():
+            # A link to a folder or a pipe (reading a pipe would block): not a file's content to decode.
+            raise IsADirectoryError("not a regular file (a link to a folder, a pipe or a device)")
+        data = path.read_bytes()
+    except OSError as exc:
+        return _unreadable(path, label, rel, exc)
     record = ImageRecord(path=rel, label=label, bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
     try:
         info = preprocessing.inspect(data, max_pixels=params.max_pixels)
@@ -111,6 +119,16 @@ def inspect_file(path: Path, label: str, rel: str, params: ValidateParams) -> Im
     return record
 
 
+def _unreadable(path: Path, label: str, rel: str, exc: OSError) -> ImageRecord:
+    """The record of a file that could not be read: listed with its reason, nothing to decode."""
+    # strerror leaves out the absolute path that str(exc) carries: the report names the file already.
+    reason = f"{type(exc).__name__}: {exc.strerror}" if exc.strerror else _describe(exc)
+    log.warning("%s: cannot be read (%s); quarantined as unreadable", rel, reason)
+    return ImageRecord(
+        path=rel, label=label, bytes=0, sha256="", problems=["unreadable"], detail=f"unreadable: {reason}"
+    )
+
+
 def _describe(exc: BaseException) -> str:
     """`module.Type: first line of the message`, the module left out for built-in exceptions."""
     kind = type(exc)
@@ -131,8 +149,9 @@ def _inspect_chunk(tasks: list[Task]) -> list[ImageRecord | None]:
 
 
 def _inspect_in_pool(tasks: list[Task], workers: int) -> list[ImageRecord | None]:
-    """Inspect every file in `workers` processes; None marks a file to re-run alone: out of memory, or in
-    a chunk that was in flight when a worker process died (a new pool then takes the remaining chunks)."""
+    """Inspect every file in `workers` processes; None marks a file to re-run alone: out of memory, in a
+    chunk that raised, or in a chunk that was in flight when a worker process died (a new pool then takes
+    the remaining chunks)."""
     results: list[ImageRecord | None] = [None] * len(tasks)
     pending = deque(range(start, min(start + CHUNK, len(tasks))) for start in range(0, len(tasks), CHUNK))
     while pending:
@@ -151,8 +170,13 @@ def _inspect_in_pool(tasks: list[Task], workers: int) -> list[ImageRecord | None
                     done = set(running)
                 for future in done:
                     chunk = running.pop(future)
-                    if not isinstance(future.exception(), BrokenProcessPool):
+                    error = future.exception()
+                    if error is None:
                         results[chunk.start : chunk.stop] = future.result()
+                    elif not isinstance(error, BrokenProcessPool):
+                        # Unexpected, since inspect_file classifies what files do: its files stay None and
+                        # are re-run one at a time, so one file cannot cost the others their records.
+                        log.warning("a validate chunk failed (%s): its files are re-run one at a time", error)
         if broken:
             log.warning(
                 "a validate worker process died (a crash in a native decoder, or killed for memory): "
@@ -174,6 +198,9 @@ def _inspect_alone(tasks: list[Task], indices: list[int], results: list[ImageRec
                 pool = None
                 results[i] = _crashed(tasks[i], "its decoder crashed the worker process, also when run alone")
                 continue
+            except Exception as exc:
+                results[i] = _crashed(tasks[i], f"inspecting it raised {_describe(exc)}, also when run alone")
+                continue
             if record is None:
                 record = _crashed(tasks[i], "its decoder ran out of memory, also when run alone")
             results[i] = record
@@ -185,13 +212,16 @@ def _inspect_alone(tasks: list[Task], indices: list[int], results: list[ImageRec
 def _crashed(task: Task, why: str) -> ImageRecord:
     """The record of a file that no worker process could decode: quarantined, never deleted."""
     path, label, rel, _ = task
-    data = Path(path).read_bytes()
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        data = None  # removed (or made unreadable) since: still listed, with what is known
     log.warning("%s: %s; quarantined as decoder_crashed", rel, why)
     return ImageRecord(
         path=rel,
         label=label,
-        bytes=len(data),
-        sha256=hashlib.sha256(data).hexdigest(),
+        bytes=len(data) if data is not None else 0,
+        sha256=hashlib.sha256(data).hexdigest() if data is not None else "",
         problems=["decoder_crashed"],
         detail=f"decoder_crashed: {why}",
     )
@@ -206,7 +236,8 @@ def list_raw_files(raw_images: Path) -> list[tuple[Path, str]]:
         folder = raw_images / RAW_CLASS_DIRS[label]
         if not folder.is_dir():
             raise DataSourceError(f"{folder}: class folder missing from the raw data")
-        files.extend((p, label) for p in sorted(folder.iterdir()) if p.is_file())
+        # Links count too, dangling ones included: a file that cannot be read is reported, not skipped.
+        files.extend((p, label) for p in sorted(folder.iterdir()) if p.is_file() or p.is_symlink())
     return files
 
 
