@@ -127,3 +127,54 @@ def test_the_meter_refuses_a_part_over_its_limit_before_it_ends() -> None:
             meter.feed(b"z" * 100)
     assert refused.value.code == "upload_too_large"
     assert meter.seen < 1200
+
+
+@pytest.mark.parametrize(
+    ("header", "boundary"),
+    [
+        ("multipart/form-data; boundary=abc", b"abc"),
+        ('multipart/form-data; boundary="a b;c"', b"a b;c"),
+        ("multipart/form-data; xboundary=AAA; boundary=BBB", b"BBB"),
+        ("multipart/form-data; boundary=AAA; boundary=BBB", b"BBB"),
+        ("multipart/form-data", None),
+    ],
+)
+def test_the_meter_reads_the_boundary_the_form_parser_splits_on(header: str, boundary: bytes | None) -> None:
+    """A decoy `xboundary=` or a repeated parameter must not make the meter count other delimiters."""
+    from python_multipart.multipart import parse_options_header
+
+    from api.middleware import _boundary
+
+    assert _boundary(header) == boundary
+    assert parse_options_header(header)[1].get(b"boundary") == boundary
+
+
+def test_base64_of_exactly_the_limit_is_accepted_and_one_byte_more_refused() -> None:
+    import base64
+
+    from api.errors import ApiError
+    from api.routes.predict import decode_base64
+
+    limit = 10 * 1024 * 1024  # 10485760 = 3k + 1: its base64 ends in padding
+    assert len(decode_base64(base64.b64encode(b"\0" * limit).decode(), limit)) == limit
+    with pytest.raises(ApiError) as refused:
+        decode_base64(base64.b64encode(b"\0" * (limit + 1)).decode(), limit)
+    assert refused.value.status == 413
+
+
+def test_a_waiter_cancelled_just_before_a_release_stays_a_cancellation() -> None:
+    """The release drops the cancelled entry from the queue first; the waiter must still end cancelled."""
+
+    async def scenario() -> None:
+        pool = DecodeBudget(100)
+        held = pool.reserve(90)
+        await held.__aenter__()
+        waiter = asyncio.create_task(pool.reserve(50).__aenter__())
+        await asyncio.sleep(0.01)
+        waiter.cancel()
+        await held.__aexit__(None, None, None)  # runs before the waiter sees its cancellation
+        outcome = await asyncio.gather(waiter, return_exceptions=True)
+        assert isinstance(outcome[0], asyncio.CancelledError), outcome
+        assert pool.used == 0 and pool.waiting == 0
+
+    asyncio.run(scenario())
