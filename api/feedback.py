@@ -30,7 +30,7 @@ import threading
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -53,6 +53,8 @@ HIGH_WATER = 0.95  # of the byte cap: prune from here ...
 LOW_WATER = 0.9  # ... down to here (of either cap), so pruning runs now and then, not on every insert
 PRUNE_BATCH = 5_000  # rows per DELETE transaction, which bounds the WAL a prune writes
 RECOUNT_EVERY = 10_000  # inserted rows between exact counts (other workers' inserts are not seen otherwise)
+REOPEN_MIN_S = 5.0  # after a failed open, the next try (on a later prediction or feedback) waits this ...
+REOPEN_MAX_S = 300.0  # ... doubling up to this: a volume that is mounted late is picked up without a restart
 MAX_CLIENTS = 10_000  # client addresses whose rate budget is remembered (the least recently seen go first)
 SCHEMA_VERSION = 2
 SCHEMA = """
@@ -78,7 +80,7 @@ CREATE TABLE IF NOT EXISTS predictions (
 CREATE INDEX IF NOT EXISTS predictions_by_feedback ON predictions (feedback_at) WHERE feedback_at IS NOT NULL;
 """
 INSERT = """
-INSERT INTO predictions (prediction_id, request_id, created_at, model_id, label, confidence)
+INSERT OR IGNORE INTO predictions (prediction_id, request_id, created_at, model_id, label, confidence)
 VALUES (?, ?, ?, ?, ?, ?)
 """
 LOOKUP = """
@@ -217,6 +219,10 @@ class FeedbackStore:
         self._since_count = 0
         self._max_pages = 0
         self._page_size = 4096
+        self._reopen_at: float | None = None  # monotonic time from which a failed open is tried again
+        self._reopen_wait = REOPEN_MIN_S
+        self._reopening: Future[None] | None = None
+        self._stopping = False
 
     async def start(self) -> None:
         """Open (or create) the database and publish the live accuracy it holds."""
@@ -225,6 +231,8 @@ class FeedbackStore:
 
     async def stop(self) -> None:
         """Write what is buffered, then close the database."""
+        self._stopping = True
+        self._reopen_at = None
         self.problem = self.problem or "the service is shutting down"
         await asyncio.wrap_future(self._executor.submit(self._close))
         await asyncio.to_thread(self._executor.shutdown, wait=True)
@@ -234,6 +242,7 @@ class FeedbackStore:
         counted, when the writer is MAX_PENDING behind)."""
         prediction_id = mint_id()
         if self.problem:
+            self._reopen_due()
             return prediction_id
         model = (prediction.model.name, prediction.model.version, tuple(prediction.probabilities))
         row = (
@@ -283,11 +292,11 @@ class FeedbackStore:
         """Store the true label of a prediction; 404 unknown id, 422 not one of its labels, 409 a different
         label already recorded (the same label again is accepted and changes nothing), 503 when the
         database is locked or full."""
-        return await self._call(self._record, prediction_id, true_label, client)
+        return await self._call(self._guarded, self._record, prediction_id, true_label, client)
 
     async def performance(self) -> dict[str, Any]:
-        """The live accuracy window's report."""
-        return await self._call(self._performance)
+        """The live accuracy window's report; 503 when the database cannot be read."""
+        return await self._call(self._guarded, self._performance)
 
     async def drain(self) -> None:
         """Wait until what is buffered now has been written (or failed to be)."""
@@ -309,13 +318,32 @@ class FeedbackStore:
         }
 
     async def _call(self, work: Callable[..., T], *args: Any) -> T:
+        if self.problem and (reopen := self._reopen_due()):
+            await asyncio.wrap_future(reopen)
         if self.problem:
             raise ApiError(503, "feedback_unavailable", self.problem)
         return await asyncio.wrap_future(self._executor.submit(work, *args))
 
+    def _reopen_due(self) -> Future[None] | None:
+        """After a failed open, the try under way, or a new one once the backoff has passed; else None."""
+        if self._reopening is not None and not self._reopening.done():
+            return self._reopening
+        if self._reopen_at is None or time.monotonic() < self._reopen_at or self._stopping:
+            return None
+        self._reopen_at = None  # one try at a time: a failed one sets the next time
+        try:
+            self._reopening = self._executor.submit(self._open)
+        except RuntimeError:  # shutting down
+            return None
+        return self._reopening
+
     # --- on the writer thread ---------------------------------------------------------------------------
 
     def _open(self) -> None:
+        """Open the database; on any failure, say why (feedback answers 503) and try again later."""
+        if self._stopping:
+            return
+        db: sqlite3.Connection | None = None
         try:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self.path, timeout=OPEN_TIMEOUT_S, isolation_level=None)
@@ -337,11 +365,19 @@ class FeedbackStore:
             self._enforce_caps()
             db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
             report = self._performance()
-        except (OSError, sqlite3.Error) as exc:
+        except Exception as exc:  # whatever the cause, predictions must still be served
             self.problem = f"the feedback database {self.path} cannot be used: {exc}"
-            log.error(self.problem)
-            self._close()
+            log.error("%s (next try in %.0f s)", self.problem, self._reopen_wait)
+            with contextlib.suppress(Exception):
+                self._close()
+            if db is not None:  # it failed before self._db was set
+                with contextlib.suppress(Exception):
+                    db.close()
+            self._reopen_at = time.monotonic() + self._reopen_wait
+            self._reopen_wait = min(self._reopen_wait * 2, REOPEN_MAX_S)
             return
+        self.problem = None
+        self._reopen_wait = REOPEN_MIN_S
         log.info(
             "feedback database open",
             extra={
@@ -368,20 +404,28 @@ class FeedbackStore:
             "SELECT request_id, created_at, model_name, model_version, probabilities, label, confidence, "
             "true_label, feedback_at FROM predictions_v1 WHERE feedback_at IS NOT NULL ORDER BY feedback_at"
         ).fetchall()
+        kept = corrupt = 0
         for request_id, created, name, version, probabilities, label, confidence, true, at in old:
-            model = self._model_id((name, version, tuple(json.loads(probabilities))))
+            try:
+                labels = tuple(json.loads(probabilities))
+            except (ValueError, TypeError):  # not JSON, or not a list of labels: one bad row stops nothing
+                corrupt += 1
+                continue
+            model = self._model_id((name, version, labels))
             db.execute(
                 "INSERT INTO predictions (prediction_id, request_id, created_at, model_id, label, "
                 "confidence, true_label, feedback_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (secrets.token_bytes(16), request_id, created, model, label, confidence, true, at),
             )
+            kept += 1
         dropped = db.execute("SELECT count(*) FROM predictions_v1").fetchone()[0] - len(old)
         db.execute("DROP TABLE predictions_v1")
         log.warning(
             "feedback database migrated to server-minted prediction ids: %d labelled predictions kept, "
-            "%d unlabelled ones dropped",
-            len(old),
+            "%d unlabelled ones dropped, %d corrupt ones (unreadable probabilities) skipped",
+            kept,
             dropped,
+            corrupt,
         )
 
     def _close(self) -> None:
@@ -426,8 +470,13 @@ class FeedbackStore:
             )
             log.error("%d predictions not stored for feedback: %s", len(rows), exc)
             return
+        # Committed: forget them now, so a failed maintenance step below never writes them twice.
         self._forget(len(rows))
         self._trouble = None
+        try:
+            self._maintain(len(rows))
+        except sqlite3.Error as exc:  # the caps are enforced again after the next write
+            log.warning("feedback database maintenance (pruning) failed: %s", exc)
 
     def _forget(self, count: int) -> None:
         with self._lock:
@@ -435,6 +484,7 @@ class FeedbackStore:
                 self._buffer.popleft()
 
     def _write(self, rows: list[tuple[Any, ...]]) -> None:
+        """Insert the rows in one transaction (full: prune, then once more)."""
         try:
             self._insert(rows)
         except sqlite3.Error as exc:
@@ -442,8 +492,11 @@ class FeedbackStore:
             if not _is_full(exc) or not self._prune(max(len(rows), int(self._rows * (1 - LOW_WATER)))):
                 raise
             self._insert(rows)
-        self._rows += len(rows)
-        self._since_count += len(rows)
+
+    def _maintain(self, inserted: int) -> None:
+        """After `inserted` rows: recount now and then, prune the expired, enforce the caps."""
+        self._rows += inserted
+        self._since_count += inserted
         if self._since_count >= RECOUNT_EVERY:
             self._since_count = 0
             self._rows = self._count()
@@ -528,10 +581,10 @@ class FeedbackStore:
         )
         self._prune(ALL_ROWS, before_id=first_recent[0] if first_recent else ALL_ROWS - 1)
 
-    def _record(self, prediction_id: str, true_label: str, client: str) -> dict[str, Any]:
-        self._flush()
+    def _guarded(self, work: Callable[..., T], *args: Any) -> T:
+        """Run `work`; a SQLite error becomes a 503 feedback_unavailable (with Retry-After)."""
         try:
-            return self._label(prediction_id, true_label, client)
+            return work(*args)
         except sqlite3.Error as exc:
             if _is_busy(exc):
                 reason, wait = "the feedback database is locked by another process", 1
@@ -539,10 +592,14 @@ class FeedbackStore:
                 reason, wait = "the feedback database is full", 60
             else:
                 reason, wait = f"the feedback database failed: {exc}", 5
-            log.warning("feedback for %s not recorded: %s", prediction_id, exc)
+            log.warning("feedback database call %s failed: %s", work.__name__, exc)
             raise ApiError(
                 503, "feedback_unavailable", f"{reason}; try again later", {"Retry-After": str(wait)}
             ) from exc
+
+    def _record(self, prediction_id: str, true_label: str, client: str) -> dict[str, Any]:
+        self._flush()
+        return self._label(prediction_id, true_label, client)
 
     def _label(self, prediction_id: str, true_label: str, client: str) -> dict[str, Any]:
         db = self._available()

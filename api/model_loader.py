@@ -53,8 +53,8 @@ RELOADABLE_URI = re.compile(r"^models:/[A-Za-z0-9][\w.-]*(?:/\d+|@[\w-]+)?/?$")
 SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 CACHE_LOCK = ".lock"
 PARTIAL_PREFIX = ".partial-"
-# What `_cache_name` produces ("model" or "<name>-v<N>", cut to 80 characters, then 12 hex digits): prune_cache
-# removes only these (and partial downloads), so a cache folder shared with other files loses nothing else.
+# What `_cache_name` produces ("model" or "<name>-v<N>", cut to 80 characters, then 12 hex digits):
+# prune_cache removes only these (and partial downloads), so a shared cache folder loses nothing else.
 CACHE_ENTRY = re.compile(r"^(?:model|[A-Za-z0-9._-]*-v\d+|[A-Za-z0-9._-]{80})-[0-9a-f]{12}$")
 # Sources whose files never change once written, so a cached copy stays valid: a run's artifacts.
 IMMUTABLE = re.compile(r"^runs:/[0-9a-fA-F]+/")

@@ -116,18 +116,18 @@ def test_a_database_of_the_old_schema_is_migrated(tmp_path: Path) -> None:
 
 
 def test_a_failed_maintenance_step_loses_no_prediction(tmp_path: Path) -> None:
-    """Another process holds the write lock while pruning runs after an insert: the committed rows are
-    not written again, and the next predictions are stored too."""
+    """Another process holds the write lock while pruning runs after an insert, and a prediction arrives
+    meanwhile: the committed rows are not written again, and the new one is stored too."""
     database = tmp_path / "feedback.db"
     store = FeedbackStore(Settings(feedback_db=str(database)), ServiceMetrics())
     enforce_caps = store._enforce_caps
-    locked = []
+    locked: list[str] = []  # the id of the prediction made while the lock was held
 
     def locked_once() -> None:
         if not locked:  # a real SQLITE_BUSY: another connection holds the write lock past the busy timeout
-            locked.append(True)
             other = sqlite3.connect(database, isolation_level=None)
             other.execute("BEGIN IMMEDIATE")
+            locked.append(store.remember("r2", prediction(2)))
             try:
                 with store._transaction():
                     pass
@@ -141,17 +141,15 @@ def test_a_failed_maintenance_step_loses_no_prediction(tmp_path: Path) -> None:
         store._enforce_caps = locked_once  # type: ignore[method-assign]
         first = store.remember("r1", prediction(1))
         await store.drain()
-        second = store.remember("r2", prediction(2))
-        await store.drain()
         answers = [
             await store.record(first, "cat", "192.0.2.1"),
-            await store.record(second, "dog", "192.0.2.1"),
+            await store.record(locked[0], "dog", "192.0.2.1"),
         ]
         await store.stop()
         return [answer["status"] for answer in answers]
 
     assert asyncio.run(scenario()) == ["recorded", "recorded"]
-    assert locked == [True]
+    assert len(locked) == 1
     with sqlite3.connect(database) as db:
         assert db.execute("SELECT request_id FROM predictions ORDER BY id").fetchall() == [("r1",), ("r2",)]
 

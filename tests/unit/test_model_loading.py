@@ -8,9 +8,11 @@ import asyncio
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from api import model_loader
+from api.batching import InferenceFailed
 from api.metrics import ServiceMetrics
 from api.model_loader import ModelLoadError
 from api.monitoring import DriftMonitor
@@ -47,7 +49,7 @@ def test_mutable_uris_are_downloaded_afresh_each_time(remote: Path, tmp_path: Pa
     assert _fetch(uri, cache) == "1"
     (remote / "content").write_text("2")
     assert _fetch(uri, cache) == "2"
-    assert not [child for child in cache.iterdir() if child.is_dir()] if cache.exists() else True
+    assert not cache.exists() or not [child for child in cache.iterdir() if child.is_dir()]
 
 
 def test_registry_versions_and_runs_are_cached(remote: Path, tmp_path: Path) -> None:
@@ -60,7 +62,9 @@ def test_registry_versions_and_runs_are_cached(remote: Path, tmp_path: Path) -> 
     assert _fetch("models:/catdog@prod", cache, registry) == "1"  # the same version: its files never change
     assert _fetch(run, cache) == "1"
     names = sorted(child.name for child in cache.iterdir() if child.is_dir())
-    assert names == sorted([model_loader._cache_name("models:/catdog/3", registry), model_loader._cache_name(run, None)])
+    assert names == sorted(
+        [model_loader._cache_name("models:/catdog/3", registry), model_loader._cache_name(run, None)]
+    )
 
 
 def test_prune_removes_only_the_caches_own_folders(tmp_path: Path) -> None:
@@ -75,7 +79,9 @@ def test_prune_removes_only_the_caches_own_folders(tmp_path: Path) -> None:
     (tmp_path / "readme.txt").write_text("keep me")
     model_loader.prune_cache(str(tmp_path), served)
     left = sorted(child.name for child in tmp_path.iterdir())
-    assert left == sorted([served.name, *(folder.name for folder in foreign), "readme.txt", model_loader.CACHE_LOCK])
+    assert left == sorted(
+        [served.name, *(folder.name for folder in foreign), "readme.txt", model_loader.CACHE_LOCK]
+    )
 
 
 def test_a_cache_that_cannot_be_locked_is_not_pruned_and_nothing_raises(tmp_path: Path) -> None:
@@ -178,10 +184,15 @@ def test_the_ready_gauge_follows_readiness(tmp_path: Path) -> None:
 
     assert value() == 0.0  # a model but no inference loop: /ready answers 503
 
+    class Failing:
+        def predict(self, batch: object) -> None:
+            raise RuntimeError("model exploded")
+
     async def scenario() -> tuple[float, float]:
         predictor.batcher.start()
         running = value()
-        predictor.batcher._problem = "inference failed"  # what a failed batch sets
+        with pytest.raises(InferenceFailed):
+            await predictor.batcher.predict(Failing(), np.zeros((3, 4, 4), np.float32))
         failing = value()
         await predictor.batcher.stop()
         return running, failing
