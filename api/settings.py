@@ -35,9 +35,9 @@ class Settings(BaseSettings):
     )
     model_cache_dir: str = Field(
         default="",
-        description="Where MLflow models are downloaded, one folder per registry version or runs:/ URI (only "
-        "the served one is kept; mutable URIs such as s3:// or https:// are fetched fresh each load); empty = a "
-        "temporary folder removed once the model is loaded.",
+        description="Where MLflow models are downloaded, one folder per registry version or runs:/ URI "
+        "(only the served one is kept; mutable URIs such as s3:// or https:// are fetched fresh each load); "
+        "empty = a temporary folder removed once the model is loaded.",
     )
     model_dir_allowed: str = Field(
         default="",
