@@ -139,10 +139,22 @@ class Lease:
         )
 
     def _write_and_confirm(self) -> None:
+        from mlflow.exceptions import MlflowException
+
         mine = Holder(self.owner, self.operation, time.time() + self.seconds, pid_namespace())
-        self.registry.client.set_registered_model_tag(self.registry.name, LEASE_TAG, mine.as_tag())
-        time.sleep(self.settle)
-        found = self.holder()
+        try:
+            self.registry.client.set_registered_model_tag(self.registry.name, LEASE_TAG, mine.as_tag())
+            time.sleep(self.settle)
+            found = self.holder()
+        except MlflowException as exc:
+            # Two writers at the same moment: a SQLite store answers "database is locked" to one of them.
+            # Not holding the lease is the same answer as a busy one: retry later (exit 75).
+            self.held = False
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise RegistryBusyError(
+                f"{self.registry.name} is busy: {self.operation} by another process held the store's write "
+                f"lock as this one took its lease ({reason}); try again shortly"
+            ) from exc
         if found is None or found.owner != self.owner:
             self.held = False
             raise self._busy(found or Holder("nobody (released meanwhile)", "?", 0.0))
